@@ -5,11 +5,23 @@ save a few-byte adapter file. The verl integration lives in :mod:`tinylora_verl.
 hooks, never from here, so importing :mod:`tinylora_verl` stays cheap.
 """
 
-from .adapter import ModuleFidelity, TinyLoRAAdapter, find_target_modules, inject_tinylora
-from .adapter_io import export_lora, load_adapter, read_adapter, save_adapter
-from .config import DEFAULT_TARGET_MODULES, TinyLoRAConfig
-from .factors import full_svd, projections, top_r_svd
-from .tying import BudgetPlan, TiePlan, build_tie_plan, plan_budget
+import importlib
+
+# Lazy: verl loads tinylora_verl.rewards by path in reward workers; importing torch there would cost seconds.
+_EXPORTS = {
+    "ModuleFidelity": "adapter", "TinyLoRAAdapter": "adapter", "find_target_modules": "adapter",
+    "inject_tinylora": "adapter", "export_lora": "adapter_io", "load_adapter": "adapter_io",
+    "read_adapter": "adapter_io", "save_adapter": "adapter_io", "DEFAULT_TARGET_MODULES": "config",
+    "TinyLoRAConfig": "config", "full_svd": "factors", "projections": "factors", "top_r_svd": "factors",
+    "BudgetPlan": "tying", "TiePlan": "tying", "build_tie_plan": "tying", "plan_budget": "tying",
+}
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __version__ = "0.1.0"
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import time
 from typing import Iterable, Iterator, Optional
 
 import torch
@@ -58,6 +59,23 @@ def weight_fingerprint(modules: dict[str, nn.Linear]) -> str:
     return h.hexdigest()[:16]
 
 
+@dataclasses.dataclass
+class MergeStats:
+    """What one pass of :meth:`TinyLoRAAdapter.merged_named_tensors` sent: counts, bytes, time, fidelity."""
+
+    tensors: int = 0
+    merged: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+    delta_sq: float = 0.0
+    delivered_sq: float = 0.0
+
+    @property
+    def fidelity(self) -> float:
+        """``‖cast(W+ΔW) − cast(W)‖ / ‖ΔW‖`` over all merged weights (1.0 when ΔW = 0)."""
+        return (self.delivered_sq / self.delta_sq) ** 0.5 if self.delta_sq > 0 else 1.0
+
+
 @dataclasses.dataclass(frozen=True)
 class ModuleFidelity:
     """How much of ΔW survives a cast of the merged weight; ``fidelity = ‖cast(W+ΔW) − cast(W)‖ / ‖ΔW‖``."""
@@ -85,6 +103,8 @@ class TinyLoRAAdapter(nn.Module):
         self._group_index = {n: g for g, names in enumerate(plan.groups) for n in names}
         dtype = getattr(torch, config.v_dtype)
         device = next(iter(modules.values())).weight.device
+        on_meta = device.type == "meta"
+        device = torch.device("cpu") if on_meta else device
         gen = torch.Generator(device="cpu").manual_seed(config.seed)
         vectors = []
         for _ in plan.groups:
@@ -95,7 +115,8 @@ class TinyLoRAAdapter(nn.Module):
             vectors.append(nn.Parameter(v.to(device=device, dtype=dtype)))
         self.vectors = nn.ParameterList(vectors)
         self.enabled = True
-        self.fingerprint = weight_fingerprint(self._modules_by_name)
+        # Only a rank holding real weights can fingerprint them; verl saves adapters from rank 0, which does.
+        self.fingerprint = "" if on_meta else weight_fingerprint(self._modules_by_name)
         self._hooks = [m.register_forward_hook(self._make_hook(n)) for n, m in self._modules_by_name.items()]
 
     # ------------------------------------------------------------------ forward
@@ -164,25 +185,49 @@ class TinyLoRAAdapter(nn.Module):
         return {f"{n}.weight": n for n in self._modules_by_name}
 
     def merged_named_tensors(
-        self, named_tensors: Optional[Iterable[tuple[str, torch.Tensor]]] = None, dtype: Optional[torch.dtype] = None
+        self,
+        named_tensors: Optional[Iterable[tuple[str, torch.Tensor]]] = None,
+        dtype: Optional[torch.dtype] = None,
+        stats: Optional["MergeStats"] = None,
     ) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield ``(name, tensor)`` for every tensor, target weights replaced by ``cast(W + ΔW)``.
 
         The sum is formed in float32 from the pristine base weight and cast once to ``dtype`` (default: the
         weight's own dtype); nothing is merged in place, so there is no merge/unmerge drift. ``named_tensors``
-        defaults to the model's ``state_dict()`` (HF names for a HF model); verl passes its own stream.
+        defaults to the model's ``state_dict()`` (HF names for a HF model); verl passes its own stream. A
+        stream that ends without carrying every target weight raises: a rename upstream must not silently
+        send unmerged weights. ``stats`` (optional) accumulates bytes, seconds and merge fidelity.
         """
         index = self.weight_names()
         stream = self.model.state_dict().items() if named_tensors is None else named_tensors
+        stats = stats if stats is not None else MergeStats()
+        start = time.perf_counter()
+        seen = set()
         for name, tensor in stream:
             module = index.get(name)
             if module is not None:
                 out_dtype = dtype or tensor.dtype
-                delta = self.delta_weight(module).to(tensor.device)  # (out, in)
-                tensor = (tensor.detach().to(torch.float32) + delta).to(out_dtype)
+                base = tensor.detach().to(torch.float32)  # (out, in)
+                delta = self.delta_weight(module).to(base.device)  # (out, in)
+                merged = (base + delta).to(out_dtype)
+                delivered = merged.to(torch.float32) - base.to(out_dtype).to(torch.float32)  # (out, in)
+                stats.delta_sq += delta.square().sum().item()
+                stats.delivered_sq += delivered.square().sum().item()
+                seen.add(name)
+                tensor = merged
             elif dtype is not None and tensor.is_floating_point():
                 tensor = tensor.detach().to(dtype)
+            stats.tensors += 1
+            stats.bytes += tensor.numel() * tensor.element_size()
             yield name, tensor
+        stats.merged = len(seen)
+        stats.seconds = time.perf_counter() - start
+        missing = sorted(set(index) - seen)
+        if missing:
+            raise RuntimeError(
+                f"the weight stream ended without {len(missing)} TinyLoRA target weights (first: {missing[0]}); "
+                "they would have been sent unmerged"
+            )
 
     def merge_fidelity(self, dtype: torch.dtype) -> tuple[float, list[ModuleFidelity]]:
         """Overall and per-module ``‖cast(W+ΔW) − cast(W)‖ / ‖ΔW‖`` for merged weights stored in ``dtype``.
@@ -249,8 +294,15 @@ def inject_tinylora(model: nn.Module, config: TinyLoRAConfig, factors: Optional[
         m = modules[name]
         if any(hasattr(m, b) for b in _BUFFERS):
             raise ValueError(f"module {name!r} already carries TinyLoRA buffers; call adapter.remove() first")
-        U, S, V = factors[name] if factors is not None else top_r_svd(m.weight, config.r)
         dev = m.weight.device
+        if factors is not None:
+            U, S, V = factors[name]
+        elif dev.type == "meta":
+            # Ranks built on meta (verl's non-zero ranks) get placeholders; FSDP's load broadcasts rank 0's values.
+            out_f, in_f = m.weight.shape
+            U, S, V = torch.empty(out_f, config.r), torch.empty(config.r), torch.empty(in_f, config.r)
+        else:
+            U, S, V = top_r_svd(m.weight, config.r)
         m.register_buffer("tinylora_U", U.to(dev, torch.float32), persistent=False)
         m.register_buffer("tinylora_S", S.to(dev, torch.float32), persistent=False)
         m.register_buffer("tinylora_V", V.to(dev, torch.float32), persistent=False)
@@ -261,6 +313,7 @@ def inject_tinylora(model: nn.Module, config: TinyLoRAConfig, factors: Optional[
 
 
 __all__ = [
+    "MergeStats",
     "ModuleFidelity",
     "SIGN_CONVENTION",
     "TinyLoRAAdapter",

@@ -30,8 +30,13 @@ if TYPE_CHECKING:
 FORMAT = "tinylora-v1"
 
 
-def plan_hash(module_names: list[str]) -> str:
-    return hashlib.sha256("\n".join(module_names).encode()).hexdigest()[:16]
+def plan_hash(groups) -> str:
+    """Hash of the tie plan's groups (who shares which v), in order."""
+    return hashlib.sha256("\n".join("|".join(g) for g in groups).encode()).hexdigest()[:16]
+
+
+# Config fields that change what a saved v means; budget and init do not.
+_MEANING_FIELDS = ("r", "u", "tie_mode", "tie_size", "seed", "target_modules")
 
 
 def adapter_metadata(adapter: "TinyLoRAAdapter") -> dict[str, str]:
@@ -40,7 +45,7 @@ def adapter_metadata(adapter: "TinyLoRAAdapter") -> dict[str, str]:
         "config": adapter.config.to_dict(),
         "num_modules": len(plan.module_names),
         "num_groups": len(plan.groups),
-        "plan_hash": plan_hash(plan.module_names),
+        "plan_hash": plan_hash(plan.groups),
         "base_fingerprint": adapter.fingerprint,
         "sign_convention": SIGN_CONVENTION,
     }
@@ -73,34 +78,47 @@ def load_adapter(path: str, model: "nn.Module", factors=None) -> "TinyLoRAAdapte
     """Inject TinyLoRA into ``model`` with the saved config and set ``v`` bit-exactly from ``path``.
 
     Raises ``ValueError`` when the model's target weights are not the ones the adapter was trained on, or its
-    module list or tie plan differ.
+    module list or tie plan differ; the model is then left without TinyLoRA.
     """
     from .adapter import inject_tinylora
 
-    v, meta = read_adapter(path)
-    config = TinyLoRAConfig.from_dict(meta["config"])
-    adapter = inject_tinylora(model, config, factors=factors)
+    _, meta = read_adapter(path)
+    adapter = inject_tinylora(model, TinyLoRAConfig.from_dict(meta["config"]), factors=factors)
     try:
-        names = adapter.tie_plan.module_names
-        if len(names) != meta["num_modules"] or plan_hash(names) != meta["plan_hash"]:
-            raise ValueError(
-                f"adapter {path} was trained on {meta['num_modules']} modules (plan {meta['plan_hash']}); this model "
-                f"gives {len(names)} (plan {plan_hash(names)}): a different architecture or target_modules"
-            )
-        if adapter.fingerprint != meta["base_fingerprint"]:
-            raise ValueError(
-                f"adapter {path} was trained on a base whose target weights have fingerprint "
-                f"{meta['base_fingerprint']}; this model's are {adapter.fingerprint}: load it onto the same base model"
-            )
-        if tuple(v.shape) != (len(adapter.vectors), adapter.tie_plan.u):
-            raise ValueError(f"adapter {path}: v has shape {tuple(v.shape)}, expected {(len(adapter.vectors), adapter.tie_plan.u)}")
+        load_adapter_state(adapter, path)
     except ValueError:
         adapter.remove()
         raise
+    return adapter
+
+
+def load_adapter_state(adapter: "TinyLoRAAdapter", path: str, check_fingerprint: bool = True) -> None:
+    """Copy ``v`` from ``path`` into an existing adapter after checking it belongs to this model and plan.
+
+    ``check_fingerprint=False`` is for ranks that never held the base weights (built on meta).
+    """
+    v, meta = read_adapter(path)
+    saved, ours = meta["config"], adapter.config.to_dict()
+    differ = [f"{k}: saved {saved.get(k)!r} vs {ours[k]!r}" for k in _MEANING_FIELDS if saved.get(k) != ours[k]]
+    if differ:
+        raise ValueError(f"adapter {path} was saved with a different TinyLoRA config ({'; '.join(differ)})")
+    names = adapter.tie_plan.module_names
+    if len(names) != meta["num_modules"] or plan_hash(adapter.tie_plan.groups) != meta["plan_hash"]:
+        raise ValueError(
+            f"adapter {path} was trained on {meta['num_modules']} modules (plan {meta['plan_hash']}); this model "
+            f"gives {len(names)} (plan {plan_hash(adapter.tie_plan.groups)}): a different architecture or target_modules"
+        )
+    if check_fingerprint and adapter.fingerprint != meta["base_fingerprint"]:
+        raise ValueError(
+            f"adapter {path} was trained on a base whose target weights have fingerprint "
+            f"{meta['base_fingerprint']}; this model's are {adapter.fingerprint}: load it onto the same base model"
+        )
+    expected = (len(adapter.vectors), adapter.tie_plan.u)
+    if tuple(v.shape) != expected:
+        raise ValueError(f"adapter {path}: v has shape {tuple(v.shape)}, expected {expected} for this tie plan")
     with torch.no_grad():
         for p, row in zip(adapter.vectors, v):
             p.copy_(row.to(device=p.device, dtype=p.dtype))
-    return adapter
 
 
 def export_lora(adapter: "TinyLoRAAdapter", path: str, dtype: torch.dtype = torch.float32) -> None:

@@ -40,9 +40,10 @@ import argparse
 import json
 import os
 import random
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any
 
 from tinylora_verl.rewards import last_boxed_content
 
@@ -64,9 +65,9 @@ Log = Callable[[str], None]
 class Subset:
     """Which rows to keep: shuffle with ``seed`` (if given), then take ``limit`` rows starting at ``offset``."""
 
-    limit: Optional[int] = None
+    limit: int | None = None
     offset: int = 0
-    seed: Optional[int] = None
+    seed: int | None = None
 
     def __post_init__(self):
         if self.limit is not None and (isinstance(self.limit, bool) or not isinstance(self.limit, int)
@@ -149,7 +150,8 @@ def read_jsonl(path: str | os.PathLike, required: Sequence[str]) -> list[dict]:
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
             if not isinstance(row, dict):
-                raise ValueError(f"{path}:{line_no}: expected a JSON object, got {type(row).__name__}")
+                # ValueError like every other malformed-file case, so callers catch one type.
+                raise ValueError(f"{path}:{line_no}: expected a JSON object, got {type(row).__name__}")  # noqa: TRY004
             missing = [k for k in required if not isinstance(row.get(k), str)]
             if missing:
                 raise ValueError(f"{path}:{line_no}: missing or non-string field(s) {missing}; required fields are "
@@ -183,7 +185,7 @@ def _build(rows: Sequence[dict], subset: Subset, make: Callable[[int, dict], dic
 # ---------------------------------------------------------------------------------------------- GSM8K
 
 
-def resolve_gsm8k_dir(src: str | os.PathLike | None) -> Optional[Path]:
+def resolve_gsm8k_dir(src: str | os.PathLike | None) -> Path | None:
     """The local GSM8K directory to read, or ``None`` for the hub (fallback order in the module docstring)."""
     if src is not None:
         path = GSM8K_SLICE_DIR if str(src) == "slice" else Path(src).expanduser()
@@ -227,7 +229,7 @@ def load_gsm8k_rows(src: str | os.PathLike | None, split: str, log: Log = print)
 
 
 def prepare_gsm8k(src: str | os.PathLike | None, out_dir: str | os.PathLike, splits: Iterable[str] = GSM8K_SPLITS,
-                  limit: Optional[int] = None, offset: int = 0, seed: Optional[int] = None,
+                  limit: int | None = None, offset: int = 0, seed: int | None = None,
                   log: Log = print) -> dict[str, Path]:
     """Write ``out_dir/{split}.parquet`` for each split; returns ``{split: parquet_path}`` in ``splits`` order.
 
@@ -254,7 +256,7 @@ def prepare_gsm8k(src: str | os.PathLike | None, out_dir: str | os.PathLike, spl
 
 
 def prepare_math(jsonl: str | os.PathLike, out_path: str | os.PathLike, split: str = "test",
-                 limit: Optional[int] = None, offset: int = 0, seed: Optional[int] = None,
+                 limit: int | None = None, offset: int = 0, seed: int | None = None,
                  data_source: str = MATH_DATA_SOURCE, log: Log = print) -> Path:
     """Write one parquet of boxed-template rows from a ``problem``/``solution`` JSONL; returns its path."""
     if not isinstance(data_source, str) or not data_source:
@@ -301,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry: ``python -m tinylora_verl.data gsm8k --out-dir ~/data/gsm8k --limit 256``."""
     args = build_parser().parse_args(argv)
     if args.dataset == "gsm8k":

@@ -37,27 +37,26 @@ limit on the future as a second guard. This mirrors ``verl.utils.reward_score.ma
 
 # No ``from __future__ import annotations``: verl loads custom reward files by path without registering them in
 # sys.modules, and dataclasses then cannot resolve string annotations.
-import importlib
+import inspect
 import logging
 import math
 import numbers
 import re
 import signal
-import site
-import sys
 import threading
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures import TimeoutError as FuturesTimeoutError
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
-from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
 METHODS = ("auto", "strict", "lenient", "flexible", "boxed")
 GSM8K_DATA_SOURCES = ("openai/gsm8k", "gsm8k")
-MATH_DATA_SOURCES = ("DigitalLearningGmbH/MATH-lighteval", "lighteval/MATH", "HuggingFaceH4/MATH-500", "math", "math_dapo")
+MATH_DATA_SOURCES = (
+    "DigitalLearningGmbH/MATH-lighteval", "lighteval/MATH", "HuggingFaceH4/MATH-500", "math", "math_dapo",
+)
 DEFAULT_TAIL_CHARS = {"strict": 300, "lenient": 300, "boxed": 1000}
 # Ground truths are short; anything longer is a broken row, not an answer worth parsing.
 _MAX_GROUND_TRUTH_CHARS = 1000
@@ -86,7 +85,7 @@ class RewardConfig:
     method: str = "auto"
     format_score: float = 0.0
     score: float = 1.0
-    tail_chars: Optional[int] = None
+    tail_chars: int | None = None
     math_timeout: int = 5
     return_dict: bool = False
 
@@ -116,8 +115,8 @@ def _tail(text: str, n: int) -> str:
     return tail
 
 
-def normalize_number(text: Any) -> Optional[Decimal]:
-    """Parse ``18``, ``18.0``, ``18.``, ``$1,234``, ``-$3``, ``$-3``, ``18%``, ``.5`` into a ``Decimal``; else ``None``."""
+def normalize_number(text: Any) -> Decimal | None:
+    """Parse ``18``, ``18.0``, ``18.``, ``$1,234``, ``-$3``, ``$-3``, ``18%``, ``.5`` as a ``Decimal`` (else None)."""
     if not isinstance(text, str) or not text or len(text) > _MAX_GROUND_TRUTH_CHARS:
         return None
     s = text.strip().replace("\u2212", "-")
@@ -129,8 +128,7 @@ def normalize_number(text: Any) -> Optional[Decimal]:
     if not negative and s.startswith("-"):
         negative, s = True, s[1:]
     s = s.rstrip(".")
-    if s.endswith("%"):
-        s = s[:-1]
+    s = s.removesuffix("%")
     if not _NUMBER_RE.fullmatch(s):
         return None
     try:
@@ -140,12 +138,12 @@ def normalize_number(text: Any) -> Optional[Decimal]:
     return -value if negative else value
 
 
-def _number_from_match(m: re.Match) -> Optional[Decimal]:
+def _number_from_match(m: re.Match) -> Decimal | None:
     negative = bool(m.group("sign") or m.group("sign2"))
     return normalize_number(("-" if negative else "") + m.group("num"))
 
 
-def extract_gsm8k_answer(solution: Any, method: str = "strict", tail_chars: int = 300) -> Optional[str]:
+def extract_gsm8k_answer(solution: Any, method: str = "strict", tail_chars: int = 300) -> str | None:
     """The answer text (``"-1234.5"``) the given method would grade, or ``None`` when there is none."""
     if not isinstance(solution, str) or not solution:
         return None
@@ -165,7 +163,7 @@ def _format_decimal(value: Decimal) -> str:
     return "0" if text in ("-0", "") else text
 
 
-def last_boxed_content(text: Any) -> Optional[str]:
+def last_boxed_content(text: Any) -> str | None:
     """Contents of the last ``\\boxed{...}`` (or ``\\fbox{...}``, ``\\boxed 5``) in ``text``, brace-balanced.
 
     Escaped braces (``\\{``) are skipped, so ``\\boxed{\\{1, 2\\}}`` gives ``\\{1, 2\\}``. Unbalanced -> ``None``.
@@ -191,7 +189,7 @@ def last_boxed_content(text: Any) -> Optional[str]:
     return None
 
 
-def _balanced(text: str, open_idx: int) -> Optional[str]:
+def _balanced(text: str, open_idx: int) -> str | None:
     depth = 0
     i = open_idx
     while i < len(text):
@@ -212,7 +210,7 @@ def _balanced(text: str, open_idx: int) -> Optional[str]:
 # ---------------------------------------------------------------------------------------------- graders
 
 
-def _as_ground_truth(gt: Any) -> Optional[str]:
+def _as_ground_truth(gt: Any) -> str | None:
     # numpy scalars from a parquet column are numbers.Real too; bool is not a ground truth.
     if isinstance(gt, bool):
         return None
@@ -227,10 +225,10 @@ def _as_ground_truth(gt: Any) -> Optional[str]:
 class _Graded:
     reward: float
     correct: bool
-    pred: Optional[str]
+    pred: str | None
 
 
-def _grade_number(pred: Optional[str], gt: Optional[str], cfg: RewardConfig) -> _Graded:
+def _grade_number(pred: str | None, gt: str | None, cfg: RewardConfig) -> _Graded:
     if pred is None or gt is None:
         return _Graded(0.0, False, pred)
     gt_value = normalize_number(gt)
@@ -244,13 +242,15 @@ def _grade_gsm8k(solution: Any, gt: Any, cfg: RewardConfig, method: str) -> _Gra
     return _grade_number(pred, _as_ground_truth(gt), cfg)
 
 
-def gsm8k_strict(solution: Any, gt: Any, format_score: float = 0.0, score: float = 1.0, tail_chars: int = 300) -> float:
+def gsm8k_strict(solution: Any, gt: Any, format_score: float = 0.0, score: float = 1.0,
+                 tail_chars: int = 300) -> float:
     """``score`` if the last ``#### <number>`` equals ``gt`` numerically, ``format_score`` if wrong, else 0."""
     cfg = RewardConfig(method="strict", format_score=format_score, score=score, tail_chars=tail_chars)
     return _grade_gsm8k(solution, gt, cfg, "strict").reward
 
 
-def gsm8k_lenient(solution: Any, gt: Any, format_score: float = 0.0, score: float = 1.0, tail_chars: int = 300) -> float:
+def gsm8k_lenient(solution: Any, gt: Any, format_score: float = 0.0, score: float = 1.0,
+                  tail_chars: int = 300) -> float:
     """``score`` if the last number in the text equals ``gt`` numerically, ``format_score`` if wrong, else 0."""
     cfg = RewardConfig(method="lenient", format_score=format_score, score=score, tail_chars=tail_chars)
     return _grade_gsm8k(solution, gt, cfg, "lenient").reward
@@ -284,6 +284,7 @@ def _math_verify_equal(gold: str, pred: str, timeout: int) -> bool:
 
 
 def _math_verify_in_process(gold: str, pred: str, timeout: int) -> bool:
+    # Self-contained (imports inside, no module globals): the worker pool runs this function from its source.
     from math_verify import LatexExtractionConfig, parse, verify
 
     # Both sides are wrapped identically so "0.5" vs "\frac12" goes through the same LaTeX parser.
@@ -295,19 +296,12 @@ def _math_verify_in_process(gold: str, pred: str, timeout: int) -> bool:
     return bool(verify(gold_parsed, pred_parsed, timeout_seconds=timeout))
 
 
-_pool: Optional[ProcessPoolExecutor] = None
+_pool: ProcessPoolExecutor | None = None
 _pool_lock = threading.Lock()
-_PACKAGE_PARENT = str(Path(__file__).resolve().parents[1])
-
-
-def _importable_worker():
-    if __name__ == "tinylora_verl.rewards":
-        return _math_verify_in_process
-    # Loaded by file path (verl's custom_reward_function.path) under a synthetic module name that a spawned worker
-    # cannot import, so hand the worker the same function from the real package instead.
-    if _PACKAGE_PARENT not in sys.path:
-        sys.path.append(_PACKAGE_PARENT)
-    return importlib.import_module("tinylora_verl.rewards")._math_verify_in_process
+# The worker gets _math_verify_in_process as source, not as a pickled reference: a reference would make it import
+# tinylora_verl, whose __init__ pulls in torch (3 s and ~250 MB per worker), and cannot be resolved at all when verl
+# loaded this file by path (custom_reward_function.path) under a synthetic module name.
+_WORKER_CALL = "exec(source, namespace) or namespace['_math_verify_in_process'](gold, pred, timeout)"
 
 
 def _get_pool() -> ProcessPoolExecutor:
@@ -317,8 +311,7 @@ def _get_pool() -> ProcessPoolExecutor:
             import multiprocessing
 
             # spawn, not fork: forking a process that runs Ray/vLLM threads can deadlock the child.
-            _pool = ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn"),
-                                        initializer=site.addsitedir, initargs=(_PACKAGE_PARENT,))
+            _pool = ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn"))
         return _pool
 
 
@@ -333,13 +326,15 @@ def _reset_pool() -> None:
 def _math_verify_in_pool(gold: str, pred: str, timeout: int) -> bool:
     # Parse + up to a few comparisons, each alarm-bounded in the worker, plus worker start-up (imports sympy).
     wall_limit = 4 * timeout + 30
+    call_globals = {"source": inspect.getsource(_math_verify_in_process), "namespace": {}, "gold": gold,
+                    "pred": pred, "timeout": timeout}
     try:
-        future = _get_pool().submit(_importable_worker(), gold, pred, timeout)
+        future = _get_pool().submit(eval, _WORKER_CALL, call_globals)
         return bool(future.result(timeout=wall_limit))
     except FuturesTimeoutError:
         logger.warning("math-verify exceeded %ss in the worker pool; scoring as wrong", wall_limit)
         return False
-    except Exception as e:  # BrokenProcessPool, or a daemonic process that may not have children
+    except Exception as e:  # noqa: BLE001 -- BrokenProcessPool, or a daemonic parent that may not spawn children
         logger.warning("math-verify worker pool failed (%s: %s); scoring as wrong", type(e).__name__, e)
         _reset_pool()
         return False
@@ -365,8 +360,8 @@ def resolve_method(data_source: Any, method: str = "auto") -> str:
     )
 
 
-def compute_score(data_source: Any, solution_str: Any, ground_truth: Any, extra_info: Optional[dict] = None,
-                  **kwargs: Any) -> Union[float, dict]:
+def compute_score(data_source: Any, solution_str: Any, ground_truth: Any, extra_info: dict | None = None,
+                  **kwargs: Any) -> float | dict:
     """verl custom reward function; see the module docstring. ``kwargs`` are :class:`RewardConfig` fields."""
     known = {k: kwargs[k] for k in RewardConfig.__dataclass_fields__ if k in kwargs}
     cfg = RewardConfig(**known)

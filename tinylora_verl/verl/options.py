@@ -1,0 +1,74 @@
+"""The ``actor_rollout_ref.model.lora.tinylora`` block: core adapter settings plus verl-side switches.
+
+verl's ``HFModelConfig`` is a strict dataclass except for ``lora`` (a free-form dict), so TinyLoRA's settings
+live there. This module only parses plain mappings and imports no verl code, so the driver can validate a
+recipe before Ray starts and tests can check it without a cluster.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional
+
+from ..config import TinyLoRAConfig
+
+SYNC_DTYPES = ("bfloat16", "float16", "float32")
+SYNC_MODES = ("merged",)
+
+
+@dataclass
+class TinyLoRAVerlOptions:
+    """verl-side switches of the TinyLoRA engine.
+
+    Args:
+        enable: inject TinyLoRA into the actor (the ref engine, forward-only, always stays plain).
+        sync_dtype: dtype of the merged weights streamed to the rollout (the rollout engine's dtype).
+        sync_mode: ``merged`` streams ``cast(W + ΔW)`` under the base's HF names.
+        log_v_max: log every v value per step when there are at most this many.
+    """
+
+    enable: bool = field(default=False, metadata={"help": "Inject TinyLoRA into the actor engine."})
+    sync_dtype: str = field(default="bfloat16", metadata={"help": f"Merged-weight dtype sent to the rollout: {SYNC_DTYPES}."})
+    sync_mode: str = field(default="merged", metadata={"help": f"How the adapter reaches the rollout: {SYNC_MODES}."})
+    log_v_max: int = field(default=64, metadata={"help": "Log each v value per step up to this many values."})
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.enable, bool):
+            raise ValueError(f"`tinylora.enable` should be true or false, but the value passed is {self.enable!r}")
+        if self.sync_dtype not in SYNC_DTYPES:
+            raise ValueError(
+                f"`tinylora.sync_dtype` should be one of {list(SYNC_DTYPES)}, but the value passed is {self.sync_dtype!r}"
+            )
+        if self.sync_mode not in SYNC_MODES:
+            raise ValueError(
+                f"`tinylora.sync_mode` should be one of {list(SYNC_MODES)}, but the value passed is {self.sync_mode!r}"
+            )
+        if isinstance(self.log_v_max, bool) or not isinstance(self.log_v_max, int) or self.log_v_max < 0:
+            raise ValueError(f"`tinylora.log_v_max` should be an integer >= 0, but the value passed is {self.log_v_max!r}")
+
+
+_OPTION_KEYS = {f.name for f in dataclasses.fields(TinyLoRAVerlOptions)}
+
+
+def parse_tinylora_block(block: Optional[Mapping[str, Any]]) -> tuple[TinyLoRAVerlOptions, Optional[TinyLoRAConfig]]:
+    """Split a ``lora.tinylora`` mapping into (verl options, core config); the config is None when disabled."""
+    if block is None:
+        return TinyLoRAVerlOptions(), None
+    if not isinstance(block, Mapping):
+        raise ValueError(f"`actor_rollout_ref.model.lora.tinylora` should be a mapping, got {type(block).__name__}")
+    block = {k: (list(v) if isinstance(v, (list, tuple)) or type(v).__name__ == "ListConfig" else v) for k, v in block.items()}
+    options = TinyLoRAVerlOptions(**{k: v for k, v in block.items() if k in _OPTION_KEYS})
+    core = {k: v for k, v in block.items() if k not in _OPTION_KEYS}
+    config = TinyLoRAConfig.from_dict(core)
+    return options, (config if options.enable else None)
+
+
+def tinylora_block_of(model_config: Any) -> Optional[Mapping[str, Any]]:
+    """``model_config.lora['tinylora']`` from an ``HFModelConfig`` or an OmegaConf/dict model section."""
+    lora = getattr(model_config, "lora", None)
+    if lora is None and isinstance(model_config, Mapping):
+        lora = model_config.get("lora")
+    if not lora:
+        return None
+    return lora.get("tinylora")
