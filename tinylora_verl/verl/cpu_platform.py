@@ -67,6 +67,7 @@ REQUIRED_VERL_INTERNALS: tuple[tuple[str, str], ...] = (
     ("verl.workers.rollout.vllm_rollout.utils", "vLLMColocateWorkerExtension.update_weights_from_ipc"),
     ("verl.workers.rollout.vllm_rollout.utils", "vLLMColocateWorkerExtension._get_zmq_handle"),
     ("verl.workers.rollout.vllm_rollout.bucketed_weight_transfer", "BucketedWeightReceiver.receive_weights"),
+    ("verl.workers.engine.fsdp.transformer_impl", "device_name"),
     ("vllm.v1.worker.gpu_worker", "Worker.reload_weights"),
 )
 
@@ -89,7 +90,9 @@ def require_verl_version() -> str:
     try:
         found = importlib.metadata.version("verl")
     except importlib.metadata.PackageNotFoundError as err:
-        raise RuntimeError(f"tinylora_verl CPU platform needs verl=={SUPPORTED_VERL_VERSION}; verl is not installed") from err
+        raise RuntimeError(
+            f"tinylora_verl CPU platform needs verl=={SUPPORTED_VERL_VERSION}; verl is not installed"
+        ) from err
     if found != SUPPORTED_VERL_VERSION:
         raise RuntimeError(
             f"tinylora_verl CPU platform patches verl internals of {SUPPORTED_VERL_VERSION} only; found verl {found}. "
@@ -183,7 +186,9 @@ class _CpuDeviceModule(types.ModuleType):
         cpu = self.__dict__["_torch"].cpu
         if hasattr(cpu, name):
             return getattr(cpu, name)
-        raise AttributeError(f"CPU device module has no {name!r} (torch.cpu lacks it and tinylora_verl does not stub it)")
+        raise AttributeError(
+            f"CPU device module has no {name!r} (torch.cpu lacks it and tinylora_verl does not stub it)"
+        )
 
     def is_available(self) -> bool:
         return True
@@ -379,6 +384,13 @@ def activate() -> None:
     # The platform must be set before any verl module that caches get_device_name() at import is loaded.
     from verl.plugin.platform.platform_manager import PlatformRegistry, set_platform
 
+    stale = sys.modules.get("verl.workers.engine.fsdp.transformer_impl")
+    if stale is not None and getattr(stale, "device_name", "cpu") != "cpu":
+        raise RuntimeError(
+            f"tinylora_verl CPU platform activated too late: verl's FSDP engine was already imported with "
+            f"device_name={stale.device_name!r}. Load it through VERL_USE_EXTERNAL_MODULES="
+            f"tinylora_verl.verl.cpu_platform (runs inside `import verl`), not through external_lib."
+        )
     platform_cls = PlatformRegistry.get("cpu") or PlatformRegistry.register(platform="cpu")(_build_platform_class())
     set_platform(platform_cls())
     os.environ.setdefault("VERL_ENGINE_DEVICE", "cuda")

@@ -146,7 +146,8 @@ class TinyLoRAFSDPEngine(FSDPEngineWithLMHead):
     def train_batch(self, data, loss_function):
         outputs = super().train_batch(data, loss_function)
         if self.tinylora_enabled and self.is_mp_src_rank_with_outputs():
-            outputs["metrics"].update(self.tinylora_metrics())
+            # One-element lists, like verl's per-micro-batch metrics: the worker all-gathers and flattens them.
+            outputs["metrics"].update({k: [v] for k, v in self.tinylora_metrics().items()})
         return outputs
 
     def tinylora_metrics(self) -> dict[str, float]:

@@ -71,13 +71,25 @@ def check_driver(argv: Sequence[str]) -> Optional[str]:
     recipes = available_recipes()
     if name not in recipes:
         raise SystemExit(f"tinylora_verl: unknown recipe {name!r}; this installation ships {recipes}")
-    if importlib.util.find_spec("hydra_plugins.tinylora_verl.searchpath") is None:
+    if not searchpath_plugin_discovered():
         raise SystemExit(
-            "tinylora_verl: the Hydra plugin hydra_plugins.tinylora_verl is not importable here, so "
-            f"+recipe={name} would be added as a plain string and verl would train its defaults. "
-            "Install the package (pip install tinylora-verl) rather than putting it on PYTHONPATH"
+            "tinylora_verl: Hydra does not discover the search-path plugin hydra_plugins.tinylora_verl here, so "
+            f"+recipe={name} would be added as a plain string and verl would train its defaults. Install the "
+            "package (pip install tinylora-verl; for development: pip install -e . --config-settings "
+            "editable_mode=strict) rather than putting it on PYTHONPATH"
         )
     return name
+
+
+def searchpath_plugin_discovered() -> bool:
+    """Whether Hydra's own plugin scan finds ours (an importable module is not enough: the scan walks the
+    ``hydra_plugins`` namespace path, which setuptools' default editable finder leaves empty)."""
+    if importlib.util.find_spec("hydra_plugins.tinylora_verl.searchpath") is None:
+        return False
+    from hydra.core.plugins import Plugins
+    from hydra.plugins.search_path_plugin import SearchPathPlugin
+
+    return "TinyLoRASearchPathPlugin" in {p.__name__ for p in Plugins.instance().discover(SearchPathPlugin)}
 
 
 def _activate_cpu_if_requested(name: Optional[str]) -> None:

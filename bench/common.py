@@ -1,0 +1,162 @@
+"""Shared pieces of the benchmarks: the report section type, markdown rendering, machine info, timing, logging."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+
+
+@dataclasses.dataclass
+class Section:
+    """One benchmark's report: a markdown table (``columns`` x ``rows``), free-text ``notes`` and a ``summary``.
+
+    ``summary`` holds the headline numbers (ratios, goals met) as plain JSON-able values, so tests and other
+    tools can read a result without parsing markdown.
+    """
+
+    key: str
+    title: str
+    columns: list[str]
+    rows: list[list[Any]]
+    notes: list[str] = dataclasses.field(default_factory=list)
+    summary: dict[str, Any] = dataclasses.field(default_factory=dict)
+    seconds: float = 0.0
+
+    def markdown(self) -> str:
+        out = [f"## {self.title}", ""]
+        if self.rows:
+            out.append("| " + " | ".join(self.columns) + " |")
+            out.append("|" + "|".join("---" for _ in self.columns) + "|")
+            for row in self.rows:
+                out.append("| " + " | ".join(fmt(c) for c in row) + " |")
+            out.append("")
+        out.extend(f"- {n}" for n in self.notes)
+        out.append(f"- section wall time: {self.seconds:.1f} s")
+        out.append("")
+        return "\n".join(out)
+
+
+def fmt(x: Any) -> str:
+    """Format a table cell: floats with 4 significant digits (scientific when tiny or huge), the rest as str."""
+    if isinstance(x, bool) or x is None:
+        return "—" if x is None else ("yes" if x else "no")
+    if isinstance(x, float):
+        if x != x:
+            return "nan"
+        if x == 0.0:
+            return "0"
+        if abs(x) < 1e-3 or abs(x) >= 1e6:
+            return f"{x:.3e}"
+        return f"{x:.4g}"
+    return str(x)
+
+
+def log(msg: str) -> None:
+    """A progress line on stderr, prefixed with the wall-clock time."""
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def cpu_flags() -> list[str]:
+    """The bf16/AVX-512 flags that decide CPU bf16 GEMM speed."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    have = set(line.split(":", 1)[1].split())
+                    return [x for x in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if x in have]
+    except OSError:
+        pass
+    return []
+
+
+def machine_info() -> dict[str, Any]:
+    try:
+        load = os.getloadavg()
+    except OSError:
+        load = (float("nan"),) * 3
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
+        "cpu": cpu_model(),
+        "cpu flags": " ".join(cpu_flags()) or "—",
+        "logical cores": os.cpu_count(),
+        "torch threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "load average (1/5/15 min) at start": " / ".join(f"{x:.2f}" for x in load),
+    }
+
+
+def package_versions(names: Sequence[str] = ("transformers", "peft")) -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {}
+    for n in names:
+        try:
+            out[n] = md.version(n)
+        except md.PackageNotFoundError:
+            out[n] = "not installed"
+    return out
+
+
+def interleaved_times(
+    fns: dict[str, Callable[[], None]],
+    repeats: int,
+    warmup: int,
+    after: Optional[Callable[[str], None]] = None,
+    progress: Optional[Callable[[str], None]] = None,
+) -> dict[str, list[float]]:
+    """Time every ``fns[k]()`` ``repeats`` times after ``warmup`` rounds, interleaved round-robin.
+
+    Each round runs every variant once, in an order rotated by one per round, so slow drifts of the machine's
+    load hit all variants alike and per-round ratios pair measurements taken seconds apart. ``after(k)``
+    runs untimed after each call (e.g. to drop gradients).
+    """
+    names = list(fns)
+    times: dict[str, list[float]] = {k: [] for k in names}
+    for rnd in range(warmup + repeats):
+        order = names[rnd % len(names):] + names[: rnd % len(names)]
+        for k in order:
+            t0 = time.perf_counter()
+            fns[k]()
+            dt = time.perf_counter() - t0
+            if after is not None:
+                after(k)
+            if rnd >= warmup:
+                times[k].append(dt)
+        if progress is not None:
+            tag = "warmup" if rnd < warmup else f"round {rnd - warmup + 1}/{repeats}"
+            done = ", ".join(f"{k} {times[k][-1]:.3f}s" for k in names if rnd >= warmup)
+            progress(f"{tag} {done}".rstrip())
+    return times
+
+
+def median(xs: Sequence[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+def paired_ratios(times: dict[str, list[float]], ref: str) -> dict[str, tuple[float, float, float]]:
+    """Per-round ratios ``t_k / t_ref``: ``(median, min, max)`` for every variant."""
+    out = {}
+    for k, ts in times.items():
+        rs = [a / b for a, b in zip(ts, times[ref])]
+        out[k] = (median(rs), min(rs), max(rs)) if rs else (float("nan"),) * 3
+    return out

@@ -1,0 +1,175 @@
+"""Adapter overhead: forward+backward time of a causal LM with each adapter, as ratios to the frozen base.
+
+The baseline ("base") is the frozen model with one trainable scalar gate multiplying the input embeddings'
+output. Its backward therefore runs through every layer w.r.t. activations only, with no weight gradients: the
+same backward any adapter whose first trainable parameter sits in layer 0 must run, and the floor any adapter
+is measured against. (A "full FT" row, with every weight trainable, is given for scale when requested.)
+
+Every variant is its own copy of the model, built by ``factory(dtype)``; variants are timed round-robin so a
+change in machine load hits all of them alike. Memory is measured as the bytes of activations autograd saves
+for backward (storages of parameters and buffers excluded, each storage counted once): exact, deterministic
+and cheap, unlike RSS deltas, which glibc's allocator caching makes meaningless when several models share a
+process.
+"""
+
+from __future__ import annotations
+
+import gc
+import itertools
+import time
+from typing import Callable, Optional, Sequence
+
+import torch
+from torch import nn
+
+from .common import Section, interleaved_times, log, median, paired_ratios
+
+BASE, OURS, PEFT_TINY, PEFT_LORA, FULL_FT, PROPOSED = (
+    "base (frozen, grad to inputs)", "TinyLoRA (ours)", "peft TinyLoRA", "peft LoRA r=1", "full FT",
+    "TinyLoRA (proposed hook, bench/proposed_hook.py)",
+)
+
+
+def _freeze(model: nn.Module) -> None:
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+
+def build_variants(factory: Callable[[torch.dtype], nn.Module], dtype: torch.dtype, budget: int,
+                   full_ft: bool = False, proposed: bool = False) -> dict[str, tuple[nn.Module, list[nn.Parameter]]]:
+    """``{name: (model, trainable params)}``, each on a fresh copy of the model from ``factory``."""
+    from peft import LoraConfig, TinyLoraConfig, get_peft_model
+
+    from tinylora_verl import TinyLoRAConfig, find_target_modules, inject_tinylora
+    from tinylora_verl.config import DEFAULT_TARGET_MODULES
+
+    targets = list(DEFAULT_TARGET_MODULES)
+    out: dict[str, tuple[nn.Module, list[nn.Parameter]]] = {}
+
+    m = factory(dtype)
+    _freeze(m)
+    gate = nn.Parameter(torch.ones((), dtype=torch.float32))
+    m.get_input_embeddings().register_forward_hook(lambda mod, args, y: y * gate)
+    out[BASE] = (m, [gate])
+
+    m = factory(dtype)
+    n_targets = len(find_target_modules(m, tuple(targets)))
+    adapter = inject_tinylora(m, TinyLoRAConfig(budget=budget))
+    out[OURS] = (m, list(adapter.vectors))
+
+    if proposed:
+        from .proposed_hook import install
+
+        m = factory(dtype)
+        adapter2 = inject_tinylora(m, TinyLoRAConfig(budget=budget))
+        install(adapter2)
+        out[PROPOSED] = (m, list(adapter2.vectors))
+
+    # peft: num_groups = round(n * (1 - weight_tying)); u = 1 and n - budget tied away gives `budget` scalars.
+    m = factory(dtype)
+    cfg = TinyLoraConfig(r=2, u=1, weight_tying=1.0 - budget / n_targets, target_modules=targets)
+    pm = get_peft_model(m, cfg)
+    out[PEFT_TINY] = (pm, [p for p in pm.parameters() if p.requires_grad])
+
+    m = factory(dtype)
+    pm = get_peft_model(m, LoraConfig(r=1, lora_alpha=1, lora_dropout=0.0, target_modules=targets))
+    out[PEFT_LORA] = (pm, [p for p in pm.parameters() if p.requires_grad])
+
+    if full_ft:
+        m = factory(dtype)
+        for p in m.parameters():
+            p.requires_grad_(True)
+        out[FULL_FT] = (m, list(m.parameters()))
+    for model, _ in out.values():
+        model.eval()  # no dropout; autograd is unaffected
+    return out
+
+
+def _loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=ids, labels=ids).loss
+
+
+def saved_activation_bytes(model: nn.Module, ids: torch.Tensor) -> int:
+    """Bytes autograd saves for backward in one forward (parameter/buffer storages excluded, each storage once)."""
+    exclude = {t.untyped_storage().data_ptr() for t in itertools.chain(model.parameters(), model.buffers())}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        st = t.untyped_storage()
+        if st.data_ptr() not in exclude:
+            seen.setdefault(st.data_ptr(), st.nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = _loss(model, ids)
+    loss.backward()
+    return sum(seen.values())
+
+
+def run(factory: Callable[[torch.dtype], nn.Module], dtypes: Sequence[torch.dtype] = (torch.float32, torch.bfloat16),
+        batches: Sequence[int] = (1,), seq_len: int = 256, repeats: int = 5, warmup: int = 1, budget: int = 13,
+        full_ft: bool = False, proposed: bool = False, goal: float = 1.05, seed: int = 0,
+        progress: Optional[Callable[[str], None]] = log) -> Section:
+    """Time forward+backward (``labels = input_ids`` loss) of every variant for each dtype and batch size."""
+    start = time.perf_counter()
+    progress = progress or (lambda s: None)
+    rows, summary = [], {"goal": goal, "cases": []}
+    for dtype in dtypes:
+        dname = str(dtype).replace("torch.", "")
+        progress(f"overhead: building variants in {dname}")
+        variants = build_variants(factory, dtype, budget, full_ft=full_ft, proposed=proposed)
+        vocab = variants[BASE][0].config.vocab_size
+        for batch in batches:
+            gen = torch.Generator().manual_seed(seed + batch)
+            ids = torch.randint(0, vocab, (batch, seq_len), generator=gen)
+
+            def make(model):
+                return lambda: _loss(model, ids).backward()
+
+            def drop_grads(name):
+                for p in variants[name][1]:
+                    p.grad = None
+
+            progress(f"overhead: {dname} batch {batch} x seq {seq_len}: {repeats} rounds after {warmup} warmup")
+            times = interleaved_times({k: make(m) for k, (m, _) in variants.items()}, repeats, warmup,
+                                      after=drop_grads, progress=lambda s: progress("  " + s))
+            mem = {}
+            for k, (m, _) in variants.items():
+                mem[k] = saved_activation_bytes(m, ids)
+                drop_grads(k)
+            paired = paired_ratios(times, BASE)
+            base_med = median(times[BASE])
+            case = {"dtype": dname, "batch": batch, "seq_len": seq_len, "median_s": {}, "ratio": {},
+                    "paired_ratio": {}, "saved_bytes": mem, "trainable": {}}
+            for k, (m, params) in variants.items():
+                med = median(times[k])
+                n_train = sum(p.numel() for p in params)
+                pr = paired[k]
+                rows.append([dname, f"{batch}x{seq_len}", k, n_train, med, med / base_med,
+                             f"{pr[0]:.3f} [{pr[1]:.3f}–{pr[2]:.3f}]", mem[k] / 2**20, mem[k] / mem[BASE]])
+                case["median_s"][k], case["ratio"][k], case["paired_ratio"][k] = med, med / base_med, pr[0]
+                case["trainable"][k] = n_train
+            ours, peft_t = case["paired_ratio"][OURS], case["paired_ratio"][PEFT_TINY]
+            case["ours_meets_goal"] = ours <= goal
+            case["ours_below_peft_tinylora"] = ours < peft_t
+            summary["cases"].append(case)
+            progress(f"overhead: {dname} b{batch}: ours {ours:.3f}x base, peft TinyLoRA {peft_t:.3f}x")
+        del variants
+        gc.collect()
+    notes = [
+        "base = frozen model whose input embeddings are multiplied by one trainable scalar: its backward runs "
+        "through every layer w.r.t. activations but computes no weight gradient, the floor for any adapter.",
+        f"TinyLoRA (ours): `inject_tinylora(model, TinyLoRAConfig(budget={budget}))` (r=2, u=1, tiled). "
+        f"peft TinyLoRA: `TinyLoraConfig(r=2, u=1, weight_tying=1-{budget}/n_targets)`; "
+        "peft LoRA: `LoraConfig(r=1)`; all on the 7 projection types. v = 0 at init does not change the work done.",
+        "loss = `model(input_ids, labels=input_ids).loss` (includes the tied LM head and the cross-entropy); "
+        "random token ids from a seeded generator; models in eval mode (no dropout).",
+        "ratio = median time / median base time; paired = median [min–max] of per-round ratios (variants run "
+        "round-robin with a rotated order, so each round's ratio compares runs seconds apart).",
+        "saved MB = activations autograd keeps for backward (parameters and buffers excluded).",
+        f"goal: TinyLoRA ≤ {goal}× base and below peft TinyLoRA (judged on the paired ratio).",
+    ]
+    cols = ["dtype", "batch×seq", "variant", "trainable", "median s", "ratio vs base", "paired ratio [min–max]",
+            "saved MB", "saved ratio"]
+    return Section("overhead", "Adapter overhead (forward+backward)", cols, rows, notes, summary,
+                   time.perf_counter() - start)

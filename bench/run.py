@@ -1,0 +1,200 @@
+"""Run the benchmarks side by side and write a markdown report: ``python -m bench.run [--fast] [--out PATH]``.
+
+Sections: adapter overhead (forward+backward vs the frozen base, ours vs peft TinyLoRA and LoRA), injection time
+(top_r_svd vs full_svd on SmolLM2 and on Qwen2.5-7B-shaped weights), merge fidelity (bf16/fp16/fp32 by |v|),
+a profile of the hook when the overhead misses its goal, and optionally a verl metrics JSONL
+(``--e2e-metrics``). ``--fast`` shrinks every benchmark to a few minutes (one batch size, 3 timed rounds, one
+7B-shaped layer extrapolated to 28).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from . import e2e, fidelity, injection, overhead, profiling
+from .common import Section, log, machine_info, package_versions
+
+SECTIONS = ("overhead", "injection", "fidelity", "profile", "e2e")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
+    p.add_argument("--fast", action="store_true", help="small settings: minutes, not an hour")
+    p.add_argument("--out", default="docs/benchmarks.md", help="markdown report path (default: %(default)s)")
+    p.add_argument("--json", default=None, help="also write every section's summary as JSON here")
+    p.add_argument("--only", default=",".join(SECTIONS[:4]),
+                   help=f"comma-separated sections among {','.join(SECTIONS)} (default: %(default)s; "
+                        "e2e runs whenever --e2e-metrics is given)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    p.add_argument("--budget", type=int, default=13, help="TinyLoRA trainable scalars (default: %(default)s)")
+    p.add_argument("--repeats", type=int, default=None, help="timed rounds for overhead (fast 3, full 15)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed rounds for overhead (fast 1, full 2)")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--batches", default=None, help="comma-separated batch sizes (fast 1, full 1,2)")
+    p.add_argument("--qwen-layers", type=int, default=None,
+                   help="7B-shaped layers actually built, extrapolated to 28 (fast 1, full 28)")
+    p.add_argument("--profile", choices=("auto", "always", "never"), default="auto",
+                   help="profile the hook: auto = when TinyLoRA's overhead misses the 1.05x goal")
+    p.add_argument("--e2e-metrics", default=None, help="verl file-logger JSONL to summarize")
+    p.add_argument("--e2e-floor-bytes", type=int, default=26, help="physical floor of one sync (13 bf16 = 26 B)")
+    return p.parse_args(argv)
+
+
+def smollm2_factory():
+    from transformers import AutoModelForCausalLM
+
+    from tinylora_verl.models import prepare_smollm2
+
+    path = str(prepare_smollm2())
+
+    def factory(dtype: torch.dtype):
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+
+    return factory
+
+
+def smollm2_modules(factory):
+    """Target weights of SmolLM2 (bf16 as stored), one at a time, as ``(name, type, weight)``."""
+    from tinylora_verl import find_target_modules
+    from tinylora_verl.config import DEFAULT_TARGET_MODULES
+    from tinylora_verl.tying import canonical_order
+
+    def gen():
+        mods = find_target_modules(factory(torch.bfloat16), DEFAULT_TARGET_MODULES)
+        for name in canonical_order(list(mods), DEFAULT_TARGET_MODULES):
+            yield name, name.rsplit(".", 1)[-1], mods[name].weight.detach()
+
+    return gen
+
+
+def timed_inject(factory, budget: int):
+    from tinylora_verl import TinyLoRAConfig, inject_tinylora
+
+    def go() -> float:
+        model = factory(torch.bfloat16)
+        t0 = time.perf_counter()
+        inject_tinylora(model, TinyLoRAConfig(budget=budget))
+        return time.perf_counter() - t0
+
+    return go
+
+
+def headline(sections: dict[str, Section]) -> list[str]:
+    """One line per goal of the issue, read from the sections' summaries."""
+    out = []
+    ov = sections.get("overhead")
+    if ov:
+        for c in ov.summary["cases"]:
+            r, pr = c["paired_ratio"], c["paired_ratio"][overhead.PEFT_TINY]
+            ours = r[overhead.OURS]
+            line = (f"overhead {c['dtype']} {c['batch']}x{c['seq_len']}: TinyLoRA {ours:.3f}x base "
+                    f"(goal ≤ {ov.summary['goal']}: {'met' if c['ours_meets_goal'] else 'MISSED'}), "
+                    f"peft TinyLoRA {pr:.3f}x ({'ours below' if c['ours_below_peft_tinylora'] else 'ours NOT below'})")
+            if overhead.PROPOSED in r:
+                line += f", proposed hook {r[overhead.PROPOSED]:.3f}x"
+            out.append(line)
+    inj = sections.get("injection")
+    if inj:
+        for label, s in inj.summary.items():
+            if isinstance(s, dict):
+                out.append(f"injection {label}: top_r_svd {s['speedup']:.1f}x faster than full_svd "
+                           f"(goal ≥ {inj.summary['speedup_goal']:g}: {'met' if s['meets_speedup_goal'] else 'MISSED'})"
+                           f", max ΔW rel {s['max_rel']:.2e} (goal ≤ {inj.summary['rel_goal']:g}: "
+                           f"{'met' if s['meets_rel_goal'] else 'MISSED'})")
+    fid = sections.get("fidelity")
+    if fid:
+        for c in fid.summary["cases"]:
+            if c["pattern"] == "random-sign" and c["dtype"] == "bfloat16":
+                out.append(f"bf16 merge, |v|={c['value']:g} random-sign: fidelity {c['fidelity']:.4f}, "
+                           f"mean rel_error {c['mean_rel_error']:.3e}")
+    e = sections.get("e2e")
+    if e and "sync_bytes_over_floor" in e.summary:
+        out.append(f"sync bytes / physical floor ({e.summary['floor_bytes']} B): ×{e.summary['sync_bytes_over_floor']:.3g}")
+    return out
+
+
+def render(sections: dict[str, Section], args: argparse.Namespace, command: str, info: dict, total: float) -> str:
+    lines = ["# tinylora_verl benchmarks", "",
+             f"Generated by `{command}` ({'fast' if args.fast else 'full'} mode) in {total / 60:.1f} min.", ""]
+    heads = headline(sections)
+    if heads:
+        lines += ["## Headline", ""] + [f"- {h}" for h in heads] + [""]
+    lines += ["## Machine", "", "| | |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in info.items()] + [""]
+    for s in sections.values():
+        lines.append(s.markdown())
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    argv_list = list(sys.argv[1:] if argv is None else argv)
+    command = "python -m bench.run" + ("" if not argv_list else " " + shlex.join(argv_list))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    only = {s.strip() for s in args.only.split(",") if s.strip()}
+    unknown = only - set(SECTIONS)
+    if unknown:
+        raise SystemExit(f"--only: unknown sections {sorted(unknown)}; choose among {list(SECTIONS)}")
+    if args.e2e_metrics:
+        only.add("e2e")
+    fast = args.fast
+    repeats = args.repeats or (3 if fast else 15)
+    warmup = args.warmup if args.warmup is not None else (1 if fast else 2)
+    batches = tuple(int(b) for b in args.batches.split(",")) if args.batches else ((1,) if fast else (1, 2))
+    qwen_layers = args.qwen_layers or (1 if fast else injection.QWEN7B_LAYERS)
+    info = machine_info() | {f"{k} version": v for k, v in package_versions().items()}
+    log(f"start ({'fast' if fast else 'full'} mode): {command}")
+    log("machine: " + "; ".join(f"{k}={v}" for k, v in info.items()))
+    t0 = time.perf_counter()
+    sections: dict[str, Section] = {}
+    needs_model = only & {"overhead", "injection", "fidelity", "profile"}
+    factory = smollm2_factory() if needs_model else None
+    if "overhead" in only:
+        sections["overhead"] = overhead.run(
+            factory, batches=batches, seq_len=args.seq_len, repeats=repeats, warmup=warmup, budget=args.budget,
+            full_ft=not fast, proposed=True)
+    if "injection" in only:
+        sections["injection"] = injection.run(
+            real_modules=smollm2_modules(factory), synth_shapes=injection.QWEN7B_SHAPES,
+            synth_layers=tuple(range(qwen_layers)), repeats=1 if fast else 3,
+            inject=timed_inject(factory, args.budget))
+    if "fidelity" in only:
+        values = fidelity.VALUES if fast else (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
+        sections["fidelity"] = fidelity.run(factory(torch.bfloat16), budget=args.budget, values=values)
+    if "profile" in only and args.profile != "never":
+        ov = sections.get("overhead")
+        missed = [c["dtype"] for c in ov.summary["cases"] if not c["ours_meets_goal"]] if ov else []
+        dtypes = [torch.float32, torch.bfloat16] if args.profile == "always" else \
+            [getattr(torch, d) for d in dict.fromkeys(missed)]
+        for dt in dtypes:
+            sec = profiling.run(factory, dtype=dt, batch=1, seq_len=args.seq_len, budget=args.budget)
+            sections[f"profile-{sec.summary['dtype']}"] = sec
+        if not dtypes:
+            log("profile: skipped (overhead goal met, or no overhead section; --profile always forces it)")
+    if "e2e" in only:
+        if not args.e2e_metrics:
+            log("e2e: skipped (no --e2e-metrics PATH)")
+        else:
+            sections["e2e"] = e2e.run(args.e2e_metrics, floor_bytes=args.e2e_floor_bytes)
+    total = time.perf_counter() - t0
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(render(sections, args, command, info, total))
+    log(f"wrote {out} ({total / 60:.1f} min)")
+    if args.json:
+        Path(args.json).write_text(json.dumps({k: s.summary for k, s in sections.items()}, indent=1, default=str))
+    for h in headline(sections):
+        log(h)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,138 @@
+"""Smoke tests of bench/: every benchmark on tiny seeded inputs; report structure only, no wall-clock assertions."""
+
+import json
+
+import pytest
+import torch
+
+from bench import e2e, fidelity, injection, overhead, profiling, run
+from bench.common import Section, interleaved_times, paired_ratios
+from bench.proposed_hook import install
+from tests.conftest import tiny_causal_lm
+from tinylora_verl import TinyLoRAConfig, inject_tinylora
+
+BUDGET = 7  # the tiny 2-layer model has 14 target modules: u = 1, 2 modules per group
+
+
+def factory(dtype):
+    return tiny_causal_lm("qwen2", dtype=dtype)
+
+
+def check_section(sec: Section, key: str):
+    assert sec.key == key
+    assert sec.rows and all(len(r) == len(sec.columns) for r in sec.rows)
+    md = sec.markdown()
+    assert md.startswith(f"## {sec.title}") and "| " + " | ".join(sec.columns) + " |" in md
+    json.dumps(sec.summary, default=str)
+
+
+def test_interleaved_times_and_paired_ratios():
+    calls = []
+    times = interleaved_times({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=3, warmup=1)
+    assert len(calls) == 8 and calls[2:4] == ["b", "a"]  # the order rotates every round
+    assert all(len(v) == 3 for v in times.values())
+    assert paired_ratios(times, "a")["a"] == (1.0, 1.0, 1.0)
+
+
+def test_overhead_structure():
+    sec = overhead.run(factory, dtypes=(torch.float32, torch.bfloat16), batches=(1,), seq_len=8, repeats=1,
+                       warmup=0, budget=BUDGET, full_ft=True, proposed=True, progress=None)
+    check_section(sec, "overhead")
+    names = {overhead.BASE, overhead.OURS, overhead.PEFT_TINY, overhead.PEFT_LORA, overhead.FULL_FT, overhead.PROPOSED}
+    assert len(sec.rows) == 2 * len(names) and {r[2] for r in sec.rows} == names
+    for case in sec.summary["cases"]:
+        assert case["trainable"][overhead.OURS] == case["trainable"][overhead.PEFT_TINY] == BUDGET
+        assert case["trainable"][overhead.BASE] == 1
+        assert case["ratio"][overhead.BASE] == 1.0 and case["paired_ratio"][overhead.BASE] == 1.0
+        assert case["saved_bytes"][overhead.BASE] > 0
+        assert isinstance(case["ours_meets_goal"], bool) and isinstance(case["ours_below_peft_tinylora"], bool)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_proposed_hook_matches_package_hook(dtype):
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+    outs, grads = [], []
+    for proposed in (False, True):
+        model = factory(dtype)
+        adapter = inject_tinylora(model, TinyLoRAConfig(budget=BUDGET))
+        fidelity.set_vectors(adapter, 0.3, "random-sign", seed=2)
+        if proposed:
+            install(adapter)
+        out = model(input_ids=ids).logits.float()
+        out.square().mean().backward()
+        outs.append(out.detach())
+        grads.append(torch.cat([v.grad for v in adapter.vectors]))
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(outs[1], outs[0], rtol=tol, atol=tol)
+    torch.testing.assert_close(grads[1], grads[0], rtol=10 * tol, atol=tol)
+
+
+def test_injection_structure():
+    model = factory(torch.float32)
+    from tinylora_verl import find_target_modules
+    from tinylora_verl.config import DEFAULT_TARGET_MODULES
+
+    mods = find_target_modules(model, DEFAULT_TARGET_MODULES)
+
+    def real():
+        return ((n, n.rsplit(".", 1)[-1], m.weight.detach()) for n, m in mods.items())
+
+    shapes = {"q_proj": (520, 520), "down_proj": (520, 600)}  # > 512: the subspace-iteration path
+    sec = injection.run(real_modules=real, real_label="tiny", synth_shapes=shapes, synth_layers=(0,),
+                        synth_total_layers=3, synth_label="synthetic", inject=lambda: 0.5, progress=None)
+    check_section(sec, "injection")
+    assert {r[0] for r in sec.rows} == {"tiny", "synthetic"}
+    s = sec.summary["synthetic"]
+    assert s["modules"] == 2 and s["scale"] == 3.0 and s["max_rel"] < 1e-3
+    assert sec.summary["tiny"]["modules"] == 14 and sec.summary["inject_tinylora_s"] == 0.5
+
+
+def test_synthetic_weight_spectrum_is_seeded_and_decaying():
+    a = injection.synthetic_weight((300, 200), seed=5, k=64)
+    assert torch.equal(a, injection.synthetic_weight((300, 200), seed=5, k=64))
+    s = torch.linalg.svdvals(a)
+    assert s[0] / s[1] > 1.3 and s[2] > s[10] > s[63] > s[100]
+
+
+def test_fidelity_structure():
+    sec = fidelity.run(factory(torch.float32), budget=BUDGET, values=(1e-3, 1e-1), label="tiny", progress=None)
+    check_section(sec, "fidelity")
+    assert len(sec.rows) == 2 * 2 * 3
+    fp32 = [c for c in sec.summary["cases"] if c["dtype"] == "float32"]
+    assert all(abs(c["fidelity"] - 1) < 1e-3 for c in fp32)
+
+
+def test_profile_structure():
+    sec = profiling.run(factory, dtype=torch.float32, batch=1, seq_len=8, budget=BUDGET, rounds=1, top=5,
+                        progress=None)
+    check_section(sec, "profile")
+    calls = sec.summary["op_calls"]
+    assert calls[overhead.OURS] > calls[overhead.BASE] and sec.summary["n_modules"] == 14
+
+
+def write_metrics(path):
+    lines = [{"step": s, "data": {"tinylora/sync_bytes": 2.6e8, "tinylora/sync_seconds": 0.5 + s,
+                                  "timing_s/step": 10.0 + s, "actor/loss": 1.0}} for s in range(1, 5)]
+    path.write_text("\n".join(json.dumps(x) for x in lines) + "\nnot json\n")
+
+
+def test_e2e_summary(tmp_path):
+    p = tmp_path / "metrics.jsonl"
+    write_metrics(p)
+    sec = e2e.run(p, floor_bytes=26, skip_first=1, progress=None)
+    check_section(sec, "e2e")
+    assert {r[0] for r in sec.rows} == {"tinylora/sync_bytes", "tinylora/sync_seconds", "timing_s/step"}
+    assert sec.summary["metrics"]["timing_s/step"]["n"] == 3
+    assert sec.summary["sync_bytes_over_floor"] == pytest.approx(1e7)
+    assert any("malformed" in n for n in sec.notes)
+
+
+def test_main_writes_report(tmp_path):
+    p, out, js = tmp_path / "metrics.jsonl", tmp_path / "report.md", tmp_path / "s.json"
+    write_metrics(p)
+    assert run.main(["--only", "e2e", "--e2e-metrics", str(p), "--out", str(out), "--json", str(js)]) == 0
+    text = out.read_text()
+    for part in ("# tinylora_verl benchmarks", "## Machine", "torch threads", "python -m bench.run --only e2e",
+                 "## End-to-end metrics", "## Headline"):
+        assert part in text
+    assert "e2e" in json.loads(js.read_text())

@@ -1,0 +1,87 @@
+"""Build verl's engine on a tiny saved model, in this process or in spawned gloo ranks (CPU platform on)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+
+def activate_cpu() -> None:
+    os.environ["TINYLORA_VERL_CPU"] = "1"
+    from tinylora_verl.verl import cpu_platform
+
+    cpu_platform.activate()
+
+
+def save_tiny_model(path: Path, seed: int = 0) -> Path:
+    """A tiny Qwen2 with a word-level tokenizer, saved as an HF folder verl can load."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from tests.conftest import tiny_causal_lm
+
+    tiny_causal_lm(seed=seed).save_pretrained(str(path))
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(128)} | {"[UNK]": 0}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="w1", pad_token="w2").save_pretrained(str(path))
+    return path
+
+
+def init_single_process(port: int = 29531) -> None:
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ["MASTER_PORT"] = str(port)
+        dist.init_process_group("gloo", rank=0, world_size=1)
+
+
+def build_engine(model_dir: Path, tinylora: dict | None, forward_only: bool = False, lr: float = 1e-2, initialize: bool = True,
+                 **model_kw):
+    """``EngineRegistry.new`` exactly as verl's TrainingWorker calls it, then ``initialize()``."""
+    import tinylora_verl.verl.register  # noqa: F401  (what model.external_lib does in a worker)
+    from verl.trainer.config import CheckpointConfig
+    from verl.workers.config import FSDPEngineConfig, FSDPOptimizerConfig, HFModelConfig
+    from verl.workers.engine.base import EngineRegistry
+
+    lora = {"tinylora": tinylora} if tinylora is not None else {}
+    mc = HFModelConfig(path=str(model_dir), lora=lora, override_config={"attn_implementation": "eager"},
+                       use_remove_padding=False, **model_kw)
+    # fp32 compute so results compare exactly with a plain float32 reference
+    ec = FSDPEngineConfig(strategy="fsdp2", forward_only=forward_only, use_torch_compile=False,
+                          model_dtype="fp32", mixed_precision={"param_dtype": "fp32", "reduce_dtype": "fp32", "buffer_dtype": "fp32"})
+    oc = FSDPOptimizerConfig(lr=lr, total_training_steps=10, weight_decay=0.0, clip_grad=1e9)
+    engine = EngineRegistry.new("language_model", "fsdp2", model_config=mc, engine_config=ec, optimizer_config=oc,
+                                checkpoint_config=CheckpointConfig())
+    if initialize:
+        engine.initialize()
+    return engine
+
+
+def batch(seed: int = 5, n: int = 4, length: int = 12) -> torch.Tensor:
+    return torch.randint(3, 128, (n, length), generator=torch.Generator().manual_seed(seed))
+
+
+def loss_of(module, ids: torch.Tensor) -> torch.Tensor:
+    """Mean next-token NLL: a stand-in loss with a gradient for every v."""
+    logits = module(input_ids=ids).logits.float()
+    return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+
+
+def gloo_rank_main(rank: int, world: int, model_dir: str, port: int, out: str) -> None:
+    """One spawned rank: build the engine over `world` gloo ranks, backprop its half of the batch, step."""
+    import torch.distributed as dist
+
+    activate_cpu()
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    engine = build_engine(Path(model_dir), {"enable": True, "budget": 7, "init": "normal", "init_std": 0.05})
+    ids = batch().chunk(world)[rank]
+    engine.optimizer_zero_grad()
+    loss_of(engine.module, ids).backward()
+    norm = engine.optimizer_step()
+    if rank == 0:
+        torch.save({"grads": [p.grad.clone() for p in engine.tl_adapter.parameters()], "norm": norm}, out)
+    dist.destroy_process_group()

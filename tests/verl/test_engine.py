@@ -1,0 +1,183 @@
+"""TinyLoRA's FSDP engine built by verl's own registry on a tiny model (FSDP2 over gloo, CPU platform on)."""
+
+import copy
+
+import pytest
+import torch
+
+from tests.verl import harness
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    harness.activate_cpu()
+    harness.init_single_process()
+    return harness.save_tiny_model(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture
+def engine(model_dir):
+    return harness.build_engine(model_dir, {"enable": True, "budget": 7, "init": "normal", "init_std": 0.05})
+
+
+def reference(model_dir, engine):
+    """The core applied to a plain float32 copy of the same base, with the engine's v."""
+    from transformers import AutoModelForCausalLM
+
+    from tinylora_verl import TinyLoRAConfig, inject_tinylora
+
+    base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    base.config._attn_implementation = "eager"
+    adapter = inject_tinylora(base, TinyLoRAConfig(budget=7))
+    with torch.no_grad():
+        for ours, theirs in zip(adapter.vectors, engine.tl_adapter.vectors):
+            ours.copy_(theirs)
+    return base, adapter
+
+
+def test_registry_resolves_to_tinylora(engine):
+    from tinylora_verl.verl.engine import TinyLoRAFSDPEngine
+
+    assert type(engine) is TinyLoRAFSDPEngine and engine.tinylora_enabled
+    assert engine.tl_adapter.num_trainable == 7
+    assert [g["params"] for g in engine.optimizer.param_groups][0] == list(engine.tl_adapter.parameters())
+    assert all(not p.requires_grad for p in engine.module.parameters())
+
+
+@pytest.mark.parametrize("sync_dtype", ["bfloat16", "float32"])
+def test_stream_has_base_names_and_merged_values(model_dir, sync_dtype):
+    engine = harness.build_engine(model_dir, {"enable": True, "budget": 7, "init": "normal", "init_std": 0.05,
+                                              "sync_dtype": sync_dtype})
+    base, adapter = reference(model_dir, engine)
+    stream, peft_config = engine.get_per_tensor_param()
+    got = dict(stream)
+    assert peft_config is None
+    assert list(got) == list(base.state_dict())
+    expected = dict(adapter.merged_named_tensors(dtype=getattr(torch, sync_dtype)))
+    for name, tensor in got.items():
+        assert torch.equal(tensor, expected[name]), name
+    assert engine.tl_last_sync.merged == 14 and engine.tl_last_sync.bytes > 0
+
+
+def test_hooked_forward_matches_core(model_dir, engine):
+    base, _ = reference(model_dir, engine)
+    ids = harness.batch()
+    with torch.no_grad():
+        torch.testing.assert_close(engine.module(input_ids=ids).logits, base(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_step_moves_only_v_and_reports_metrics(engine):
+    before = [p.detach().clone() for p in engine.tl_adapter.parameters()]
+    frozen = {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
+    engine.optimizer_zero_grad()
+    harness.loss_of(engine.module, harness.batch()).backward()
+    norm = engine.optimizer_step()
+    assert norm > 0
+    assert any(not torch.equal(a, b) for a, b in zip(before, engine.tl_adapter.parameters()))
+    assert all(torch.equal(v, engine.module.state_dict()[k]) for k, v in frozen.items())
+    metrics = engine.tinylora_metrics()
+    assert {"tinylora/v_norm", "tinylora/v_0", "tinylora/v_6"} <= set(metrics)
+
+
+def test_non_finite_step_is_skipped(engine, caplog):
+    before = [p.detach().clone() for p in engine.tl_adapter.parameters()]
+    for p in engine.tl_adapter.parameters():
+        p.grad = torch.full_like(p, float("nan"))
+    norm = engine.optimizer_step()
+    assert norm != norm
+    assert all(torch.equal(a, b) for a, b in zip(before, engine.tl_adapter.parameters()))
+    assert "skipping this optimizer step" in caplog.text
+
+
+def test_checkpoint_round_trip(tmp_path, model_dir, engine):
+    for _ in range(2):
+        engine.optimizer_zero_grad()
+        harness.loss_of(engine.module, harness.batch()).backward()
+        engine.optimizer_step()
+    engine.save_checkpoint(str(tmp_path / "actor"), global_step=2)
+    files = {p.name: p.stat().st_size for p in (tmp_path / "actor").iterdir()}
+    assert files["tinylora_adapter.safetensors"] < 4096 and "tinylora_state_rank_0.pt" in files
+    fresh = harness.build_engine(model_dir, {"enable": True, "budget": 7, "init": "normal", "init_std": 0.05})
+    fresh.load_checkpoint(str(tmp_path / "actor"))
+    assert all(torch.equal(a, b) for a, b in zip(engine.tl_adapter.parameters(), fresh.tl_adapter.parameters()))
+    s0, s1 = engine.optimizer.state_dict(), fresh.optimizer.state_dict()
+    for k in s0["state"]:
+        for name in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(s0["state"][k][name], s1["state"][k][name])
+    # and the next step is the same in both
+    for e in (engine, fresh):
+        e.optimizer_zero_grad()
+        harness.loss_of(e.module, harness.batch(seed=9)).backward()
+        e.optimizer_step()
+    assert all(torch.equal(a, b) for a, b in zip(engine.tl_adapter.parameters(), fresh.tl_adapter.parameters()))
+
+
+def test_checkpoint_with_another_config_is_refused(tmp_path, model_dir, engine):
+    engine.save_checkpoint(str(tmp_path / "actor"))
+    other = harness.build_engine(model_dir, {"enable": True, "budget": 7, "seed": 3})
+    with pytest.raises(ValueError, match=r"saved with a different TinyLoRA config \(seed: saved 0 vs 3\)"):
+        other.load_checkpoint(str(tmp_path / "actor"))
+
+
+def test_disabled_engine_is_the_stock_engine(model_dir):
+    for tinylora in (None, {"enable": False}):
+        e = harness.build_engine(model_dir, tinylora)
+        assert not e.tinylora_enabled and e.tl_adapter is None
+        assert not any("tinylora" in n for n, _ in e.module.named_buffers())
+        assert any(p.requires_grad for p in e.module.parameters())
+
+
+def test_forward_only_engine_never_gets_the_adapter(model_dir):
+    """The reference engine (forward_only) shares the registered class and must stay plain."""
+    # Not initialized: verl's forward-only FSDP2 path pins CPU-offloaded memory, which needs an accelerator.
+    e = harness.build_engine(model_dir, {"enable": True}, forward_only=True, initialize=False)
+    assert not e.tinylora_enabled
+
+
+def test_disable_adapter_gives_the_base(model_dir, engine):
+    plain = harness.build_engine(model_dir, None)
+    ids = harness.batch()
+    with torch.no_grad(), engine.disable_adapter():
+        torch.testing.assert_close(engine.module(input_ids=ids).logits, plain.module(input_ids=ids).logits, rtol=0, atol=0)
+    with torch.no_grad():
+        assert (engine.module(input_ids=ids).logits - plain.module(input_ids=ids).logits).abs().max() > 1e-4
+
+
+def test_bypassing_sync_paths_are_refused(engine):
+    with pytest.raises(NotImplementedError, match="sharded sync .* would send unmerged base shards"):
+        engine.get_per_tensor_param_shard()
+    with pytest.raises(NotImplementedError, match="delta-sharded sync would send unmerged"):
+        engine.get_per_tensor_param_delta_shard()
+
+
+@pytest.mark.parametrize(
+    "model_kw, tinylora, msg",
+    [
+        ({"lora_rank": 8}, {"enable": True}, r"TinyLoRA and verl's PEFT LoRA are both enabled"),
+        ({"lora_adapter_path": "/some/peft"}, {"enable": True}, r"model.lora_adapter_path='/some/peft' would be ignored"),
+        ({}, {"enable": True, "sync_dtype": "int8"}, r"`tinylora.sync_dtype` should be one of \['bfloat16', 'float16', 'float32'\]"),
+        ({}, {"enable": True, "rank": 2}, r"Unknown TinyLoRA config keys \['rank'\]"),
+    ],
+)
+def test_bad_engine_configs(model_dir, model_kw, tinylora, msg):
+    with pytest.raises(ValueError, match=msg):
+        harness.build_engine(model_dir, tinylora, **model_kw)
+
+
+def test_two_gloo_ranks_average_v_grad_like_one_process(tmp_path, model_dir):
+    """2 ranks x half a batch, v's gradient averaged in optimizer_step == one process on the whole batch."""
+    import torch.multiprocessing as mp
+
+    out = tmp_path / "grads.pt"
+    mp.spawn(harness.gloo_rank_main, args=(2, str(model_dir), 29555, str(out)), nprocs=2, join=True)
+    got = torch.load(out)
+    engine = harness.build_engine(model_dir, {"enable": True, "budget": 7, "init": "normal", "init_std": 0.05})
+    engine.optimizer_zero_grad()
+    harness.loss_of(engine.module, harness.batch()).backward()
+    expected = [p.grad.clone() for p in engine.tl_adapter.parameters()]
+    norm = engine.optimizer_step()
+    for a, b in zip(got["grads"], expected):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    assert abs(got["norm"] - norm) < 1e-5 * max(norm, 1)
