@@ -33,15 +33,20 @@ class Section:
     def markdown(self) -> str:
         out = [f"## {self.title}", ""]
         if self.rows:
-            out.append("| " + " | ".join(self.columns) + " |")
+            out.append("| " + " | ".join(_esc(c) for c in self.columns) + " |")
             out.append("|" + "|".join("---" for _ in self.columns) + "|")
             for row in self.rows:
-                out.append("| " + " | ".join(fmt(c) for c in row) + " |")
+                out.append("| " + " | ".join(_esc(fmt(c)) for c in row) + " |")
             out.append("")
         out.extend(f"- {n}" for n in self.notes)
         out.append(f"- section wall time: {self.seconds:.1f} s")
         out.append("")
         return "\n".join(out)
+
+
+def _esc(cell: str) -> str:
+    """A pipe inside a cell (e.g. ``|v|``) would end it."""
+    return cell.replace("|", "\\|")
 
 
 def fmt(x: Any) -> str:
@@ -123,25 +128,29 @@ def interleaved_times(
     warmup: int,
     after: Optional[Callable[[str], None]] = None,
     progress: Optional[Callable[[str], None]] = None,
+    cpu: Optional[dict[str, list[float]]] = None,
 ) -> dict[str, list[float]]:
     """Time every ``fns[k]()`` ``repeats`` times after ``warmup`` rounds, interleaved round-robin.
 
     Each round runs every variant once, in an order rotated by one per round, so slow drifts of the machine's
     load hit all variants alike and per-round ratios pair measurements taken seconds apart. ``after(k)``
-    runs untimed after each call (e.g. to drop gradients).
+    runs untimed after each call (e.g. to drop gradients). ``cpu``, if given, is filled with the process CPU
+    time of each call: on a loaded machine it counts the work done rather than the time spent descheduled.
     """
     names = list(fns)
     times: dict[str, list[float]] = {k: [] for k in names}
     for rnd in range(warmup + repeats):
         order = names[rnd % len(names):] + names[: rnd % len(names)]
         for k in order:
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             fns[k]()
-            dt = time.perf_counter() - t0
+            dt, dc = time.perf_counter() - t0, time.process_time() - c0
             if after is not None:
                 after(k)
             if rnd >= warmup:
                 times[k].append(dt)
+                if cpu is not None:
+                    cpu.setdefault(k, []).append(dc)
         if progress is not None:
             tag = "warmup" if rnd < warmup else f"round {rnd - warmup + 1}/{repeats}"
             done = ", ".join(f"{k} {times[k][-1]:.3f}s" for k in names if rnd >= warmup)

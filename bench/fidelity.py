@@ -72,6 +72,8 @@ def run(model: nn.Module, budget: int = 13, values: Sequence[float] = VALUES,
         "fidelity = ‖cast(W+ΔW) − cast(W)‖/‖ΔW‖ over all modules (1 = delivered in full; in bf16 a small ΔW "
         "rounds away or is amplified to the nearest representable step, so fidelity can also exceed 1); "
         "rel_error = ‖delivered − ΔW‖/‖ΔW‖ per module.",
+        "with u = 1 (budget < number of modules) a sign flip of vᵢ only flips its group's ΔW, so 'equal' and "
+        "'random-sign' agree up to round-off; they differ when u > 1.",
         "W + ΔW is formed in float32 from the pristine weights and cast once: what "
         "`merged_named_tensors(dtype=...)` sends to the rollout engine.",
     ]

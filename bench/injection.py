@@ -57,13 +57,19 @@ def synthetic_modules(shapes: dict[str, tuple[int, int]], layers: Iterable[int],
     """Yield ``(name, type, weight)`` one module at a time, each from its own seeded generator."""
     for layer in layers:
         for typ, shape in shapes.items():
-            name = f"model.layers.{layer}.{'mlp' if typ.endswith(('gate_proj', 'up_proj', 'down_proj')) else 'self_attn'}.{typ}"
+            block = "mlp" if typ in ("gate_proj", "up_proj", "down_proj") else "self_attn"
+            name = f"model.layers.{layer}.{block}.{typ}"
             yield name, typ, synthetic_weight(shape, _seed("bench-qwen7b", seed, name))
 
 
-def compare_module(W: torch.Tensor, r: int, M: torch.Tensor, repeats: int = 1) -> dict[str, float]:
-    """Median time of ``top_r_svd`` and ``full_svd`` on ``W`` and the relative ΔW error between them."""
-    from tinylora_verl.factors import dense_delta, full_svd, top_r_svd
+def compare_module(W: torch.Tensor, r: int, M: torch.Tensor, repeats: int = 1, ref64: bool = False
+                   ) -> dict[str, float]:
+    """Median time of ``top_r_svd`` and ``full_svd`` on ``W`` and the relative ΔW error between them.
+
+    ``ref64`` adds both factorizations' ΔW error against a float64 full SVD: when σ_r ≈ σ_{r+1} the top-r
+    singular vectors are ill-conditioned and even a float32 full SVD is off by ~1e-5..1e-4.
+    """
+    from tinylora_verl.factors import canonicalize_signs, dense_delta, full_svd, top_r_svd
 
     t_top, t_full = [], []
     for _ in range(repeats):
@@ -75,8 +81,16 @@ def compare_module(W: torch.Tensor, r: int, M: torch.Tensor, repeats: int = 1) -
         t_full.append(time.perf_counter() - t0)
     d1, d2 = dense_delta(U1, S1, V1, M), dense_delta(U2, S2, V2, M)  # (out, in) each
     rel = ((d1 - d2).norm() / d2.norm()).item()
-    return {"top": sorted(t_top)[len(t_top) // 2], "full": sorted(t_full)[len(t_full) // 2], "rel": rel,
-            "s_rel": ((S1 - S2).abs() / S2).max().item()}
+    out = {"top": sorted(t_top)[len(t_top) // 2], "full": sorted(t_full)[len(t_full) // 2], "rel": rel,
+           "s_rel": ((S1 - S2).abs() / S2).max().item()}
+    if ref64:
+        U, S, Vh = torch.linalg.svd(W.detach().double(), full_matrices=False)
+        U, V = canonicalize_signs(U[:, :r], Vh[:r].T)
+        d = (U * S[:r]) @ M.double() @ V.T  # (out, in) float64
+        out["top_vs64"] = ((d1.double() - d).norm() / d.norm()).item()
+        out["full_vs64"] = ((d2.double() - d).norm() / d.norm()).item()
+        out["gap"] = (S[r] / S[r - 1]).item()
+    return out
 
 
 def _aggregate(per_module: list[tuple[str, str, dict]], scale: float, label: str, rows: list) -> dict:
@@ -84,18 +98,27 @@ def _aggregate(per_module: list[tuple[str, str, dict]], scale: float, label: str
     for typ in types + ["all"]:
         ms = [d for _, t, d in per_module if typ in ("all", t)]
         top, full = sum(d["top"] for d in ms), sum(d["full"] for d in ms)
+        f64 = [max(d[k] for d in ms) if "top_vs64" in ms[0] else None for k in ("top_vs64", "full_vs64", "gap")]
         rows.append([label, typ, len(ms), top * scale, full * scale, full / top, max(d["rel"] for d in ms),
-                     max(d["s_rel"] for d in ms)])
+                     max(d["s_rel"] for d in ms)] + f64)
     top = sum(d["top"] for _, _, d in per_module)
     full = sum(d["full"] for _, _, d in per_module)
-    return {"top_s": top * scale, "full_s": full * scale, "speedup": full / top,
-            "max_rel": max(d["rel"] for _, _, d in per_module), "modules": len(per_module), "scale": scale}
+    out = {"top_s": top * scale, "full_s": full * scale, "speedup": full / top,
+           "max_rel": max(d["rel"] for _, _, d in per_module), "modules": len(per_module), "scale": scale}
+    if "top_vs64" in per_module[0][2]:
+        worst = max(per_module, key=lambda x: x[2]["rel"])
+        out |= {"max_top_vs64": max(d["top_vs64"] for _, _, d in per_module),
+                "max_full_vs64": max(d["full_vs64"] for _, _, d in per_module),
+                "worst_module": worst[0], "worst_module_gap": worst[2]["gap"],
+                "worst_module_top_vs64": worst[2]["top_vs64"], "worst_module_full_vs64": worst[2]["full_vs64"]}
+    return out
 
 
 def run(real_modules: Optional[Callable[[], Iterable[tuple[str, str, torch.Tensor]]]] = None,
         real_label: str = "SmolLM2-135M", synth_shapes: Optional[dict] = None, synth_layers: Sequence[int] = (0,),
         synth_total_layers: int = QWEN7B_LAYERS, synth_label: str = "Qwen2.5-7B-shaped", r: int = 2,
-        repeats: int = 1, inject: Optional[Callable[[], float]] = None, speedup_goal: float = 10.0,
+        repeats: int = 1, synth_repeats: int = 1, real_ref64: bool = True,
+        inject: Optional[Callable[[], float]] = None, speedup_goal: float = 10.0,
         rel_goal: float = 1e-4, seed: int = 0, progress: Optional[Callable[[str], None]] = log) -> Section:
     """Compare the factorizations on ``real_modules()`` and on synthetic weights of ``synth_shapes``.
 
@@ -109,18 +132,19 @@ def run(real_modules: Optional[Callable[[], Iterable[tuple[str, str, torch.Tenso
     rows, summary, notes = [], {"speedup_goal": speedup_goal, "rel_goal": rel_goal}, []
     sources = []
     if real_modules is not None:
-        sources.append((real_label, real_modules, 1.0))
+        sources.append((real_label, real_modules, 1.0, repeats, real_ref64))
     if synth_shapes:
         scale = synth_total_layers / len(synth_layers)
-        sources.append((synth_label, lambda: synthetic_modules(synth_shapes, synth_layers, seed), scale))
+        sources.append((synth_label, lambda: synthetic_modules(synth_shapes, synth_layers, seed), scale,
+                        synth_repeats, False))
         if scale != 1.0:
-            notes.append(f"{synth_label}: measured on layers {list(synth_layers)} ({len(synth_layers) * len(synth_shapes)}"
-                         f" modules); seconds are extrapolated ×{scale:g} to {synth_total_layers} layers "
+            n_meas = len(synth_layers) * len(synth_shapes)
+            notes.append(f"{synth_label}: measured on layers {list(synth_layers)} ({n_meas} modules); seconds are extrapolated ×{scale:g} to {synth_total_layers} layers "
                          "(counts are of measured modules).")
-    for label, modules, scale in sources:
+    for label, modules, scale, reps, ref64 in sources:
         per_module = []
         for name, typ, W in modules():
-            d = compare_module(W, r, M, repeats)
+            d = compare_module(W, r, M, reps, ref64)
             per_module.append((name, typ, d))
             progress(f"injection {label}: {name} {tuple(W.shape)} top_r {d['top']:.3f}s full {d['full']:.3f}s "
                      f"x{d['full'] / d['top']:.1f} rel {d['rel']:.1e}")
@@ -129,19 +153,27 @@ def run(real_modules: Optional[Callable[[], Iterable[tuple[str, str, torch.Tenso
         s["meets_speedup_goal"] = s["speedup"] >= speedup_goal
         s["meets_rel_goal"] = s["max_rel"] <= rel_goal
         summary[label] = s
+        if "worst_module" in s:
+            notes.append(f"{label}: largest ΔW disagreement in `{s['worst_module']}` (σ_{r + 1}/σ_{r} = "
+                         f"{s['worst_module_gap']:.4f}); against a float64 SVD, top_r_svd is off by "
+                         f"{s['worst_module_top_vs64']:.2e} and float32 full_svd by {s['worst_module_full_vs64']:.2e}.")
     if inject is not None:
         summary["inject_tinylora_s"] = inject()
         notes.append(f"one whole `inject_tinylora(model, TinyLoRAConfig(budget=13))` on {real_label}: "
                      f"{summary['inject_tinylora_s']:.2f} s (SVDs, projections, fingerprint, hooks).")
     notes += [
+        f"times are medians of {repeats} run(s) per {real_label} module and {synth_repeats} per synthetic module.",
         "speedup = Σ full_svd time / Σ top_r_svd time (goal ≥ "
         f"{speedup_goal:g}×); ΔW rel = max over modules of ‖ΔW_top − ΔW_full‖/‖ΔW_full‖ for a fixed seeded M "
         f"(goal ≤ {rel_goal:g}); σ rel = max relative error of the top-{r} singular values.",
+        "vs f64 columns (real weights only): max ΔW error of each float32 factorization against a float64 full "
+        f"SVD; gap = max σ_{r + 1}/σ_{r} (near 1: the top-{r} singular vectors are ill-conditioned in float32).",
         "top_r_svd falls back to a full SVD when min(out, in) ≤ 512 (e.g. SmolLM2's 192 x 576 k/v_proj): "
         "those rows show ≈1×.",
         f"{synth_label} weights: W = Q₁ diag(s) Q₂ᵀ + Gaussian bulk, s_i = i^-0.5 for i ≤ 256 with the top 3 "
         "boosted ×(4, 2.5, 1.6), bulk top edge ≈ s_256/2, float32, one seeded generator per module.",
     ]
-    cols = ["weights", "type", "modules", "top_r_svd s", "full_svd s", "speedup", "max ΔW rel", "max σ rel"]
+    cols = ["weights", "type", "modules", "top_r_svd s", "full_svd s", "speedup", "max ΔW rel", "max σ rel",
+            "top vs f64", "full vs f64", "gap"]
     return Section("injection", "Injection time: top_r_svd vs full_svd", cols, rows, notes, summary,
                    time.perf_counter() - start)

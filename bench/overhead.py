@@ -24,9 +24,9 @@ from torch import nn
 
 from .common import Section, interleaved_times, log, median, paired_ratios
 
-BASE, OURS, PEFT_TINY, PEFT_LORA, FULL_FT, PROPOSED = (
+BASE, OURS, PEFT_TINY, PEFT_LORA, FULL_FT, PROPOSED, PROPOSED_LP = (
     "base (frozen, grad to inputs)", "TinyLoRA (ours)", "peft TinyLoRA", "peft LoRA r=1", "full FT",
-    "TinyLoRA (proposed hook, bench/proposed_hook.py)",
+    "TinyLoRA, proposed hook (exact)", "TinyLoRA, proposed hook (low-precision)",
 )
 
 
@@ -64,6 +64,11 @@ def build_variants(factory: Callable[[torch.dtype], nn.Module], dtype: torch.dty
         adapter2 = inject_tinylora(m, TinyLoRAConfig(budget=budget))
         install(adapter2)
         out[PROPOSED] = (m, list(adapter2.vectors))
+        if dtype != torch.float32:
+            m = factory(dtype)
+            adapter3 = inject_tinylora(m, TinyLoRAConfig(budget=budget))
+            install(adapter3, low_precision=True)
+            out[PROPOSED_LP] = (m, list(adapter3.vectors))
 
     # peft: num_groups = round(n * (1 - weight_tying)); u = 1 and n - budget tied away gives `budget` scalars.
     m = factory(dtype)
@@ -131,8 +136,10 @@ def run(factory: Callable[[torch.dtype], nn.Module], dtypes: Sequence[torch.dtyp
                     p.grad = None
 
             progress(f"overhead: {dname} batch {batch} x seq {seq_len}: {repeats} rounds after {warmup} warmup")
+            cpu: dict[str, list[float]] = {}
             times = interleaved_times({k: make(m) for k, (m, _) in variants.items()}, repeats, warmup,
-                                      after=drop_grads, progress=lambda s: progress("  " + s))
+                                      after=drop_grads, progress=lambda s: progress("  " + s), cpu=cpu)
+            paired_cpu = paired_ratios(cpu, BASE)
             mem = {}
             for k, (m, _) in variants.items():
                 mem[k] = saved_activation_bytes(m, ids)
@@ -146,14 +153,18 @@ def run(factory: Callable[[torch.dtype], nn.Module], dtypes: Sequence[torch.dtyp
                 n_train = sum(p.numel() for p in params)
                 pr = paired[k]
                 rows.append([dname, f"{batch}x{seq_len}", k, n_train, med, med / base_med,
-                             f"{pr[0]:.3f} [{pr[1]:.3f}–{pr[2]:.3f}]", mem[k] / 2**20, mem[k] / mem[BASE]])
+                             f"{pr[0]:.3f} [{pr[1]:.3f}–{pr[2]:.3f}]", median(cpu[k]), paired_cpu[k][0],
+                             mem[k] / 2**20, mem[k] / mem[BASE]])
                 case["median_s"][k], case["ratio"][k], case["paired_ratio"][k] = med, med / base_med, pr[0]
+                case.setdefault("cpu_paired_ratio", {})[k] = paired_cpu[k][0]
                 case["trainable"][k] = n_train
             ours, peft_t = case["paired_ratio"][OURS], case["paired_ratio"][PEFT_TINY]
             case["ours_meets_goal"] = ours <= goal
             case["ours_below_peft_tinylora"] = ours < peft_t
             summary["cases"].append(case)
-            progress(f"overhead: {dname} b{batch}: ours {ours:.3f}x base, peft TinyLoRA {peft_t:.3f}x")
+            progress(f"overhead: {dname} b{batch}: ours {ours:.3f}x base, peft TinyLoRA {peft_t:.3f}x (wall, paired); "
+                     f"CPU time: ours {case['cpu_paired_ratio'][OURS]:.3f}x, "
+                     f"peft {case['cpu_paired_ratio'][PEFT_TINY]:.3f}x")
         del variants
         gc.collect()
     notes = [
@@ -166,10 +177,14 @@ def run(factory: Callable[[torch.dtype], nn.Module], dtypes: Sequence[torch.dtyp
         "random token ids from a seeded generator; models in eval mode (no dropout).",
         "ratio = median time / median base time; paired = median [min–max] of per-round ratios (variants run "
         "round-robin with a rotated order, so each round's ratio compares runs seconds apart).",
+        "CPU s / CPU ratio = process CPU time (all threads) and its paired ratio: on a loaded machine it counts "
+        "work done rather than time spent descheduled (with >1 thread it also counts OpenMP spin-waits).",
+        "proposed hooks: prototypes in bench/proposed_hook.py (exact = same float32 adapter math, fewer ops; "
+        "low-precision = adapter math in the model's dtype, bf16/fp16 only).",
         "saved MB = activations autograd keeps for backward (parameters and buffers excluded).",
         f"goal: TinyLoRA ≤ {goal}× base and below peft TinyLoRA (judged on the paired ratio).",
     ]
     cols = ["dtype", "batch×seq", "variant", "trainable", "median s", "ratio vs base", "paired ratio [min–max]",
-            "saved MB", "saved ratio"]
+            "CPU s", "CPU ratio", "saved MB", "saved ratio"]
     return Section("overhead", "Adapter overhead (forward+backward)", cols, rows, notes, summary,
                    time.perf_counter() - start)

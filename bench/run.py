@@ -24,6 +24,15 @@ from .common import Section, log, machine_info, package_versions
 SECTIONS = ("overhead", "injection", "fidelity", "profile", "e2e")
 
 
+def machine_load() -> tuple[float, int]:
+    import os
+
+    try:
+        return os.getloadavg()[0], os.cpu_count() or 1
+    except OSError:
+        return 0.0, os.cpu_count() or 1
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
     p.add_argument("--fast", action="store_true", help="small settings: minutes, not an hour")
@@ -94,9 +103,12 @@ def headline(sections: dict[str, Section]) -> list[str]:
         for c in ov.summary["cases"]:
             r, pr = c["paired_ratio"], c["paired_ratio"][overhead.PEFT_TINY]
             ours = r[overhead.OURS]
+            cr = c["cpu_paired_ratio"]
             line = (f"overhead {c['dtype']} {c['batch']}x{c['seq_len']}: TinyLoRA {ours:.3f}x base "
+                    f"[CPU time {cr[overhead.OURS]:.3f}x] "
                     f"(goal ≤ {ov.summary['goal']}: {'met' if c['ours_meets_goal'] else 'MISSED'}), "
-                    f"peft TinyLoRA {pr:.3f}x ({'ours below' if c['ours_below_peft_tinylora'] else 'ours NOT below'})")
+                    f"peft TinyLoRA {pr:.3f}x [CPU {cr[overhead.PEFT_TINY]:.3f}x] "
+                    f"({'ours below' if c['ours_below_peft_tinylora'] else 'ours NOT below'})")
             if overhead.PROPOSED in r:
                 line += f", proposed hook {r[overhead.PROPOSED]:.3f}x"
             out.append(line)
@@ -116,7 +128,8 @@ def headline(sections: dict[str, Section]) -> list[str]:
                            f"mean rel_error {c['mean_rel_error']:.3e}")
     e = sections.get("e2e")
     if e and "sync_bytes_over_floor" in e.summary:
-        out.append(f"sync bytes / physical floor ({e.summary['floor_bytes']} B): ×{e.summary['sync_bytes_over_floor']:.3g}")
+        ratio = e.summary["sync_bytes_over_floor"]
+        out.append(f"sync bytes / physical floor ({e.summary['floor_bytes']} B): ×{ratio:.3g}")
     return out
 
 
@@ -152,6 +165,11 @@ def main(argv=None) -> int:
     qwen_layers = args.qwen_layers or (1 if fast else injection.QWEN7B_LAYERS)
     info = machine_info() | {f"{k} version": v for k, v in package_versions().items()}
     log(f"start ({'fast' if fast else 'full'} mode): {command}")
+    load, cores = machine_load()
+    if load > cores and torch.get_num_threads() > 1:
+        log(f"WARNING: load average {load:.1f} > {cores} cores with {torch.get_num_threads()} torch threads: OpenMP "
+            "barriers in MKL/LAPACK can then slow SVDs 10-100x (seen here: 0.18 s -> 17 s); numbers will be noisy. "
+            "Run on a quiet machine, or pass --threads 1.")
     log("machine: " + "; ".join(f"{k}={v}" for k, v in info.items()))
     t0 = time.perf_counter()
     sections: dict[str, Section] = {}

@@ -14,6 +14,15 @@ from tinylora_verl import TinyLoRAConfig, inject_tinylora
 BUDGET = 7  # the tiny 2-layer model has 14 target modules: u = 1, 2 modules per group
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny inputs gain nothing from threads, and on a busy machine OpenMP barriers make them crawl."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)
+
+
 def factory(dtype):
     return tiny_causal_lm("qwen2", dtype=dtype)
 
@@ -22,7 +31,10 @@ def check_section(sec: Section, key: str):
     assert sec.key == key
     assert sec.rows and all(len(r) == len(sec.columns) for r in sec.rows)
     md = sec.markdown()
-    assert md.startswith(f"## {sec.title}") and "| " + " | ".join(sec.columns) + " |" in md
+    header = "| " + " | ".join(c.replace("|", "\\|") for c in sec.columns) + " |"
+    assert md.startswith(f"## {sec.title}") and header in md
+    assert all(line.count("|") - line.count("\\|") == len(sec.columns) + 1 for line in md.splitlines()
+               if line.startswith("| "))  # no stray pipe splits a cell
     json.dumps(sec.summary, default=str)
 
 
@@ -39,7 +51,8 @@ def test_overhead_structure():
                        warmup=0, budget=BUDGET, full_ft=True, proposed=True, progress=None)
     check_section(sec, "overhead")
     names = {overhead.BASE, overhead.OURS, overhead.PEFT_TINY, overhead.PEFT_LORA, overhead.FULL_FT, overhead.PROPOSED}
-    assert len(sec.rows) == 2 * len(names) and {r[2] for r in sec.rows} == names
+    assert len(sec.rows) == 2 * len(names) + 1  # the low-precision prototype runs in bf16 only
+    assert {r[2] for r in sec.rows} == names | {overhead.PROPOSED_LP}
     for case in sec.summary["cases"]:
         assert case["trainable"][overhead.OURS] == case["trainable"][overhead.PEFT_TINY] == BUDGET
         assert case["trainable"][overhead.BASE] == 1
@@ -48,8 +61,9 @@ def test_overhead_structure():
         assert isinstance(case["ours_meets_goal"], bool) and isinstance(case["ours_below_peft_tinylora"], bool)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_proposed_hook_matches_package_hook(dtype):
+@pytest.mark.parametrize("dtype, low_precision", [(torch.float32, False), (torch.bfloat16, False),
+                                                   (torch.bfloat16, True)])
+def test_proposed_hook_matches_package_hook(dtype, low_precision):
     ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
     outs, grads = [], []
     for proposed in (False, True):
@@ -57,12 +71,12 @@ def test_proposed_hook_matches_package_hook(dtype):
         adapter = inject_tinylora(model, TinyLoRAConfig(budget=BUDGET))
         fidelity.set_vectors(adapter, 0.3, "random-sign", seed=2)
         if proposed:
-            install(adapter)
+            install(adapter, low_precision=low_precision)
         out = model(input_ids=ids).logits.float()
         out.square().mean().backward()
         outs.append(out.detach())
         grads.append(torch.cat([v.grad for v in adapter.vectors]))
-    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    tol = 1e-5 if dtype == torch.float32 else 5e-2
     torch.testing.assert_close(outs[1], outs[0], rtol=tol, atol=tol)
     torch.testing.assert_close(grads[1], grads[0], rtol=10 * tol, atol=tol)
 

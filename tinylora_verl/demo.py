@@ -31,6 +31,13 @@ class RunResult:
     run_dir: Path
     log: Path
     metrics: list[dict] = field(default_factory=list)
+    log_offset: int = 0
+
+    def log_text(self) -> str:
+        """This launch's part of ``main_ppo.log`` (a resumed run appends to the same file)."""
+        with open(self.log, "rb") as fh:
+            fh.seek(self.log_offset)
+            return fh.read().decode(errors="replace")
 
     def checkpoints(self) -> list[Path]:
         return sorted(self.run_dir.glob("global_step_*"), key=lambda p: int(p.name.rsplit("_", 1)[1]))
@@ -98,6 +105,7 @@ def run_cpu_recipe(
     metrics_path = out / "metrics.jsonl"
     seen = len(read_metrics(metrics_path))
     log = out / "main_ppo.log"
+    log_offset = log.stat().st_size if log.is_file() else 0
     env = dict(os.environ, TINYLORA_VERL_CACHE=str(cache), VERL_FILE_LOGGER_PATH=str(out / f"metrics.run{int(time.time())}.jsonl"))
     cmd = [
         sys.executable, "-m", "verl.trainer.main_ppo", f"+recipe={recipe}",
@@ -124,7 +132,7 @@ def run_cpu_recipe(
             fh.write(new.read_text())
         new.unlink()
     rows = read_metrics(metrics_path)[seen:]
-    return RunResult(proc.returncode, out, log, rows)
+    return RunResult(proc.returncode, out, log, rows, log_offset)
 
 
 def _echo_new(path: str, printed: int, total: int, echo: bool) -> int:

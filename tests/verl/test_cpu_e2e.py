@@ -65,16 +65,15 @@ def test_checkpoint_is_a_few_bytes_of_adapter(runs):
     assert adapter.stat().st_size < 4096
     v, meta = read_adapter(str(adapter))
     assert v.shape == (13, 1) and meta["config"]["r"] == 2
-    torch.testing.assert_close(v.reshape(-1).tolist(), v_values(first.metrics[-1]), rtol=0, atol=1e-6)
+    torch.testing.assert_close(v.reshape(-1), torch.tensor(v_values(first.metrics[-1])), rtol=0, atol=1e-6)
     assert not list(ckpt.glob("model_world_size_*")), "frozen weights must not be checkpointed"
 
 
 def test_resume_runs_step_3_from_the_checkpoint(runs):
     first, second = runs
     assert [r["step"] for r in second.metrics] == [3]
-    log = second.log.read_text()
     saved, _ = read_adapter(str(first.run_dir / "global_step_2" / "actor" / "tinylora_adapter.safetensors"))
-    # the first sync of the resumed run carries the checkpoint's v
+    # The resumed run's first sync (before step 3's rollout) must carry the checkpoint's v (bit-exact restore is tested in test_engine).
     shown = [round(x, 6) for x in saved.reshape(-1).tolist()]
-    assert f"v={shown}" in log.split("[demo]")[-1] or f"v={shown}" in log
-    assert (first.run_dir / "global_step_3" / "actor" / "tinylora_adapter.safetensors").is_file() or True
+    syncs = [line for line in second.log_text().splitlines() if "[tinylora] sync:" in line]
+    assert syncs and f"v={shown}" in syncs[0], (shown, syncs[:1])
