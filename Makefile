@@ -3,14 +3,17 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
-STAMP := $(VENV)/.tinylora-setup-$(shell cat requirements/cpu.txt pyproject.toml | sha256sum | cut -c1-12)
+# The strict editable install links each file once, so a new module or recipe must re-run setup: the stamp
+# covers the file list as well as the pins.
+STAMP := $(VENV)/.tinylora-setup-$(shell (cat requirements/cpu.txt pyproject.toml setup.py; find tinylora_verl hydra_plugins hydra_configs \( -name '*.py' -o -name '*.yaml' \) | sort) | sha256sum | cut -c1-12)
 PYTEST_ARGS ?=
+DEMO_STEPS ?= 4
 
 .PHONY: setup test test-fast demo bench clean-venv
 
 setup: $(STAMP)
 
-$(STAMP): requirements/cpu.txt pyproject.toml
+$(STAMP): requirements/cpu.txt pyproject.toml setup.py
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q -U pip==25.3
 	$(PIP) install -r requirements/cpu.txt
@@ -30,7 +33,7 @@ test-fast: setup
 	$(PY) -m pytest -q -rs -m "not slow and not e2e" $(PYTEST_ARGS)
 
 demo: setup
-	$(PY) -m tinylora_verl.verl.demo
+	$(PY) -m tinylora_verl.demo --steps $(DEMO_STEPS) --out outputs/demo
 
 bench: setup
 	$(PY) -m bench.run

@@ -41,6 +41,19 @@ def tiny_causal_lm(arch: str = "qwen2", seed: int = 0, layers: int = 2, dtype=to
     return seeded_(model, seed).to(dtype).eval()
 
 
+def save_tiny_model(path, seed: int = 0, arch: str = "qwen2"):
+    """A tiny causal LM with a word-level tokenizer, saved as an HF folder (verl, vLLM-free tests, export)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    model = tiny_causal_lm(arch, seed=seed)
+    model.save_pretrained(str(path))
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(128)} | {"[UNK]": 0}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="w1", pad_token="w2").save_pretrained(str(path))
+    return model
+
+
 class MLP(torch.nn.Module):
     """The peft-test style toy: two linears named like a transformer block's projections."""
 

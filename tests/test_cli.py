@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from tests.conftest import CONFIGS, tiny_causal_lm
+from tests.conftest import CONFIGS, save_tiny_model, tiny_causal_lm
 from tests.test_adapter import randomize_
 from tinylora_verl import TinyLoRAConfig, inject_tinylora
 from tinylora_verl.cli import main
@@ -50,14 +50,7 @@ def test_console_script_is_installed():
 @pytest.fixture
 def trained(tmp_path):
     """A tiny HF model folder and a trained adapter file for it."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    model = tiny_causal_lm()
-    model.save_pretrained(str(tmp_path / "base"))
-    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(128)} | {"[UNK]": 0}, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(str(tmp_path / "base"))
+    model = save_tiny_model(tmp_path / "base")
     adapter = inject_tinylora(model, TinyLoRAConfig(budget=7))
     randomize_(adapter, std=0.2)
     adapter.save_adapter(str(tmp_path / "adapter.safetensors"))

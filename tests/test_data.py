@@ -423,3 +423,19 @@ def test_parquet_loads_in_verl_rlhf_dataset(tmp_path, tiny_tokenizer):
     assert item["raw_prompt"][0]["content"].endswith(GSM8K_INSTRUCTION)
     assert item["reward_model"]["ground_truth"] == _verl_ground_truth(item["extra_info"]["answer"])
     assert item["index"] == item["extra_info"]["index"]
+
+
+@pytest.mark.parametrize("style, needle", [("verl", 'output the final answer after "####".'),
+                                           ("explicit", 'in the form "#### <number>", for example "#### 42".')])
+def test_gsm8k_prompt_styles(style, needle):
+    from tinylora_verl.data import gsm8k_record
+
+    row = gsm8k_record("Q?", "so\n#### 7", "train", 0, prompt_style=style)
+    assert row["prompt"][0]["content"].startswith("Q? ") and row["prompt"][0]["content"].endswith(needle)
+
+
+def test_gsm8k_unknown_prompt_style():
+    from tinylora_verl.data import gsm8k_record
+
+    with pytest.raises(ValueError, match=r"prompt_style='fancy' is not supported; expected one of \['explicit', 'verl'\]"):
+        gsm8k_record("Q?", "#### 7", "train", 0, prompt_style="fancy")

@@ -384,10 +384,12 @@ def test_vllm_eval_base_merged_lora(smollm2_path, smollm2_adapter, tmp_path):
     assert (tmp_path / "summary.csv").is_file() and json.loads((tmp_path / "summary.json").read_text())["meta"]
 
 
-# vLLM bf16 vs transformers float32 on the same 80 tokens. Measured (SmolLM2, v std 0.5): see the test's print;
-# base and merged show the same size of error, i.e. merging adds nothing beyond bf16 itself.
-LOGPROB_MAX_ABS = 0.5
-LOGPROB_MEAN_ABS = 0.06
+# vLLM (bf16 weights and kernels) vs transformers float32 with forward hooks, 73 tokens of a chat + answer.
+# Measured on this machine (SmolLM2, v std 0.5): base |Δ| max 0.486 / mean 0.035; merged vs hooked |Δ| max 0.686 /
+# mean 0.088, against an adapter effect of max 8.79 / mean 2.37. The merged error is ~2x the base's because this v
+# pushes the model far off its trained regime, where bf16 rounding matters more. Bounds: ~1.5x the measurement.
+LOGPROB_MAX_ABS = 1.0
+LOGPROB_MEAN_ABS = 0.15
 
 
 @pytest.mark.slow

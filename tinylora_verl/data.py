@@ -50,6 +50,14 @@ from tinylora_verl.rewards import last_boxed_content
 GSM8K_DATA_SOURCE = "openai/gsm8k"
 GSM8K_HUB_CONFIG = "main"
 GSM8K_INSTRUCTION = 'Let\'s think step by step and output the final answer after "####".'
+# Prompt styles: "verl" is verl's own GSM8K instruction (the paper's setup). "explicit" spells the answer format
+# out; SmolLM2-135M ends ~10% of samples at T=1 with a "####" answer under it vs ~4% under "verl" (64 train
+# problems x 4 samples, 256 tokens), which is what gives its GRPO groups reward variance on CPU.
+GSM8K_INSTRUCTIONS = {
+    "verl": GSM8K_INSTRUCTION,
+    "explicit": 'Solve it step by step, then write the final answer as a number on the last line in the form '
+                '"#### <number>", for example "#### 42".',
+}
 GSM8K_SPLITS = ("train", "test")
 GSM8K_ENV_VAR = "TINYLORA_VERL_GSM8K_DIR"
 GSM8K_SLICE_DIR = Path(__file__).resolve().parent / "data_files" / "gsm8k_slice"
@@ -102,11 +110,13 @@ def extract_gsm8k_ground_truth(answer: Any) -> str:
     return final
 
 
-def gsm8k_record(question: str, answer: str, split: str, index: int) -> dict:
+def gsm8k_record(question: str, answer: str, split: str, index: int, prompt_style: str = "verl") -> dict:
     """One verl row for a GSM8K problem (see the module docstring for the layout)."""
+    if prompt_style not in GSM8K_INSTRUCTIONS:
+        raise ValueError(f"prompt_style={prompt_style!r} is not supported; expected one of {sorted(GSM8K_INSTRUCTIONS)}")
     return {
         "data_source": GSM8K_DATA_SOURCE,
-        "prompt": [{"role": "user", "content": question + " " + GSM8K_INSTRUCTION}],
+        "prompt": [{"role": "user", "content": question + " " + GSM8K_INSTRUCTIONS[prompt_style]}],
         "ability": ABILITY,
         "reward_model": {"style": "rule", "ground_truth": extract_gsm8k_ground_truth(answer)},
         "extra_info": {"split": split, "index": index, "answer": answer, "question": question},
@@ -230,7 +240,7 @@ def load_gsm8k_rows(src: str | os.PathLike | None, split: str, log: Log = print)
 
 def prepare_gsm8k(src: str | os.PathLike | None, out_dir: str | os.PathLike, splits: Iterable[str] = GSM8K_SPLITS,
                   limit: int | None = None, offset: int = 0, seed: int | None = None,
-                  log: Log = print) -> dict[str, Path]:
+                  log: Log = print, prompt_style: str = "verl") -> dict[str, Path]:
     """Write ``out_dir/{split}.parquet`` for each split; returns ``{split: parquet_path}`` in ``splits`` order.
 
     ``limit``/``offset``/``seed`` apply to each split independently (see :class:`Subset`).
@@ -245,7 +255,7 @@ def prepare_gsm8k(src: str | os.PathLike | None, out_dir: str | os.PathLike, spl
     paths = {}
     for split in splits:
         rows = load_gsm8k_rows(src, split, log=log)
-        records = _build(rows, subset, lambda i, r, s=split: gsm8k_record(r["question"], r["answer"], s, i),
+        records = _build(rows, subset, lambda i, r, s=split: gsm8k_record(r["question"], r["answer"], s, i, prompt_style),
                          where=f"gsm8k/{split}")
         paths[split] = write_parquet(records, Path(out_dir) / f"{split}.parquet")
         log(f"[tinylora_verl.data] gsm8k/{split}: wrote {len(records)} rows to {paths[split]}")
@@ -291,6 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out-dir", required=True, help="output directory; writes {split}.parquet")
     g.add_argument("--splits", nargs="+", default=list(GSM8K_SPLITS), choices=GSM8K_SPLITS,
                    help="splits to write (default: train test)")
+    g.add_argument("--prompt-style", default="verl", choices=sorted(GSM8K_INSTRUCTIONS),
+                   help="instruction after the question: verl's (default) or an explicit '#### <number>' format")
     add_subset_flags(g)
 
     m = sub.add_parser("math", help="MATH-style JSONL with problem/solution fields (boxed-answer template)")
@@ -308,7 +320,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.dataset == "gsm8k":
         prepare_gsm8k(args.src, args.out_dir, splits=args.splits, limit=args.limit, offset=args.offset,
-                      seed=args.seed)
+                      seed=args.seed, prompt_style=args.prompt_style)
     else:
         prepare_math(args.jsonl, args.out, split=args.split, limit=args.limit, offset=args.offset, seed=args.seed,
                      data_source=args.data_source)

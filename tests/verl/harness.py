@@ -16,16 +16,9 @@ def activate_cpu() -> None:
 
 
 def save_tiny_model(path: Path, seed: int = 0) -> Path:
-    """A tiny Qwen2 with a word-level tokenizer, saved as an HF folder verl can load."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    from tests.conftest import save_tiny_model as save
 
-    from tests.conftest import tiny_causal_lm
-
-    tiny_causal_lm(seed=seed).save_pretrained(str(path))
-    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(128)} | {"[UNK]": 0}, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="w1", pad_token="w2").save_pretrained(str(path))
+    save(path, seed=seed)
     return path
 
 

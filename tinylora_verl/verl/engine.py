@@ -144,9 +144,14 @@ class TinyLoRAFSDPEngine(FSDPEngineWithLMHead):
         return grad_norm.item()
 
     def train_batch(self, data, loss_function):
+        from verl.utils import tensordict_utils as tu
+
+        # Read before super(): the flag marks the step's last mini-batch, after which v is the step's v.
+        last_mini_batch = tu.get(data, key="update_lr_scheduler", default=False)
         outputs = super().train_batch(data, loss_function)
-        if self.tinylora_enabled and self.is_mp_src_rank_with_outputs():
-            # One-element lists, like verl's per-micro-batch metrics: the worker all-gathers and flattens them.
+        if self.tinylora_enabled and last_mini_batch and self.is_mp_src_rank_with_outputs():
+            # Reported once per step (verl averages a metric over mini-batches, which would blur v), as
+            # one-element lists like verl's per-micro-batch metrics: the worker all-gathers and flattens them.
             outputs["metrics"].update({k: [v] for k, v in self.tinylora_metrics().items()})
         return outputs
 
