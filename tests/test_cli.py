@@ -89,3 +89,14 @@ def test_export_onto_wrong_base(capsys, trained):
     argv = ["export", "--model", str(tmp / "other"), "--adapter", str(tmp / "adapter.safetensors"), "--out", str(tmp / "m")]
     assert main(argv) == 2
     assert "fingerprint" in capsys.readouterr().err
+
+
+def test_data_subcommand_writes_parquet(tmp_path, capsys):
+    import pandas as pd
+
+    from tinylora_verl.data import GSM8K_SLICE_DIR
+
+    assert main(["data", "gsm8k", "--src", str(GSM8K_SLICE_DIR), "--out-dir", str(tmp_path), "--limit", "3",
+                 "--splits", "test", "--prompt-style", "oneshot"]) == 0
+    df = pd.read_parquet(tmp_path / "test.parquet")
+    assert len(df) == 3 and len(df.prompt[0]) == 3 and df.data_source[0] == "openai/gsm8k"

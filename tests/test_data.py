@@ -437,5 +437,13 @@ def test_gsm8k_prompt_styles(style, needle):
 def test_gsm8k_unknown_prompt_style():
     from tinylora_verl.data import gsm8k_record
 
-    with pytest.raises(ValueError, match=r"prompt_style='fancy' is not supported; expected one of \['explicit', 'verl'\]"):
+    with pytest.raises(ValueError, match=r"prompt_style='fancy' is not supported; expected one of \['explicit', 'oneshot', 'verl'\]"):
         gsm8k_record("Q?", "#### 7", "train", 0, prompt_style="fancy")
+
+
+def test_gsm8k_oneshot_prompt_is_a_worked_example_turn():
+    from tinylora_verl.data import GSM8K_INSTRUCTION, gsm8k_record
+
+    prompt = gsm8k_record("Q?", "#### 7", "train", 0, prompt_style="oneshot")["prompt"]
+    assert [m["role"] for m in prompt] == ["user", "assistant", "user"]
+    assert prompt[1]["content"].endswith("#### 42") and prompt[2]["content"] == "Q? " + GSM8K_INSTRUCTION

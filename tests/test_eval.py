@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import tiny_causal_lm
+from tests.conftest import save_tiny_model
 from tests.test_adapter import randomize_
 from tinylora_verl import TinyLoRAConfig, inject_tinylora
 from tinylora_verl.benchmarks import Problem, load_benchmark, parse_benchmarks
@@ -221,14 +221,7 @@ def test_benchmark_errors(tmp_path, monkeypatch):
 @pytest.fixture
 def tiny_run(tmp_path):
     """A tiny HF folder (with tokenizer) and an adapter file with a non-zero v."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    model = tiny_causal_lm()
-    model.save_pretrained(str(tmp_path / "base"))
-    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(128)} | {"[UNK]": 0}, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(str(tmp_path / "base"))
+    model = save_tiny_model(tmp_path / "base")
     adapter = inject_tinylora(model, TinyLoRAConfig(budget=7))
     randomize_(adapter, std=0.2)
     adapter.save_adapter(str(tmp_path / "adapter.safetensors"))

@@ -4,6 +4,7 @@
     tinylora-verl prepare-smollm2 [--out DIR]
     tinylora-verl export --model <HF folder> --adapter <file> --out <dir> [--lora-out <dir>] [--dtype bfloat16]
     tinylora-verl show <adapter file>
+    tinylora-verl data gsm8k --out-dir ~/data/gsm8k [--prompt-style verl|explicit|oneshot]
     tinylora-verl eval --model <HF folder> [--adapter <file>] --benchmarks gsm8k,math500 [--limit N] [--out DIR]
     tinylora-verl plot <run dir or metrics.jsonl> [--out PNG]
 """
@@ -66,6 +67,12 @@ def _cmd_export(args: argparse.Namespace) -> int:
         adapter.export_lora(args.lora_out)
         print(f"exact rank-{adapter.config.r} LoRA -> {args.lora_out}")
     return 0
+
+
+def _cmd_data(args: argparse.Namespace) -> int:
+    from .data import main as data_main
+
+    return data_main(args.data_args)
 
 
 def _cmd_show(args: argparse.Namespace) -> int:
@@ -154,6 +161,11 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--lora-out", default=None, help="Also write the exact rank-r peft LoRA folder here.")
     exp.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"], help="Merged dtype.")
     exp.set_defaults(func=_cmd_export)
+
+    data = sub.add_parser("data", help="Write verl parquet files: `data gsm8k --out-dir DIR` or `data math ...`.",
+                          add_help=False)
+    data.add_argument("data_args", nargs=argparse.REMAINDER, help="Arguments of python -m tinylora_verl.data.")
+    data.set_defaults(func=_cmd_data)
 
     show = sub.add_parser("show", help="Print an adapter file's config, v and size.")
     show.add_argument("adapter", help="TinyLoRA adapter file.")

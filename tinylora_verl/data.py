@@ -57,7 +57,16 @@ GSM8K_INSTRUCTIONS = {
     "verl": GSM8K_INSTRUCTION,
     "explicit": 'Solve it step by step, then write the final answer as a number on the last line in the form '
                 '"#### <number>", for example "#### 42".',
+    "oneshot": GSM8K_INSTRUCTION,
 }
+# "oneshot": verl's instruction, after one worked example given as an earlier chat turn. SmolLM2-135M then ends
+# 55% of samples with a "####" answer (vs 4% "verl", 10% "explicit"; 64 train problems x 4 samples at T=1,
+# 256 tokens), and 88% of 4-sample groups mix formatted and unformatted answers: GRPO signal on CPU.
+GSM8K_ONESHOT_TURNS = [
+    {"role": "user", "content": "A shop sells pencils in packs of 6. Mia buys 7 packs. How many pencils does she "
+                                "have? " + GSM8K_INSTRUCTION},
+    {"role": "assistant", "content": "Each pack has 6 pencils. 7 packs have 7 * 6 = 42 pencils.\n#### 42"},
+]
 GSM8K_SPLITS = ("train", "test")
 GSM8K_ENV_VAR = "TINYLORA_VERL_GSM8K_DIR"
 GSM8K_SLICE_DIR = Path(__file__).resolve().parent / "data_files" / "gsm8k_slice"
@@ -116,7 +125,8 @@ def gsm8k_record(question: str, answer: str, split: str, index: int, prompt_styl
         raise ValueError(f"prompt_style={prompt_style!r} is not supported; expected one of {sorted(GSM8K_INSTRUCTIONS)}")
     return {
         "data_source": GSM8K_DATA_SOURCE,
-        "prompt": [{"role": "user", "content": question + " " + GSM8K_INSTRUCTIONS[prompt_style]}],
+        "prompt": (GSM8K_ONESHOT_TURNS if prompt_style == "oneshot" else [])
+        + [{"role": "user", "content": question + " " + GSM8K_INSTRUCTIONS[prompt_style]}],
         "ability": ABILITY,
         "reward_model": {"style": "rule", "ground_truth": extract_gsm8k_ground_truth(answer)},
         "extra_info": {"split": split, "index": index, "answer": answer, "question": question},
@@ -302,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--splits", nargs="+", default=list(GSM8K_SPLITS), choices=GSM8K_SPLITS,
                    help="splits to write (default: train test)")
     g.add_argument("--prompt-style", default="verl", choices=sorted(GSM8K_INSTRUCTIONS),
-                   help="instruction after the question: verl's (default) or an explicit '#### <number>' format")
+                   help="verl's instruction (default), an explicit '#### <number>' format, or verl's after a worked example")
     add_subset_flags(g)
 
     m = sub.add_parser("math", help="MATH-style JSONL with problem/solution fields (boxed-answer template)")

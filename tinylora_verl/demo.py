@@ -44,13 +44,13 @@ class RunResult:
 
 
 def prepare_data(cache: Path) -> Path:
-    """GSM8K train/test parquet in ``<cache>/data/gsm8k_explicit`` with the explicit-format prompt the CPU recipe
-    reads (from ../shared, $TINYLORA_VERL_GSM8K_DIR or the hub; see tinylora_verl.data)."""
+    """GSM8K train/test parquet in ``<cache>/data/gsm8k_oneshot`` with the one-shot prompt the CPU recipe reads
+    (from $TINYLORA_VERL_GSM8K_DIR, ../shared or the hub; see tinylora_verl.data)."""
     from .data import prepare_gsm8k
 
-    out = cache / "data" / "gsm8k_explicit"
+    out = cache / "data" / "gsm8k_oneshot"
     if not ((out / "train.parquet").is_file() and (out / "test.parquet").is_file()):
-        prepare_gsm8k(None, out, prompt_style="explicit")
+        prepare_gsm8k(None, out, prompt_style="oneshot")
     return out
 
 
