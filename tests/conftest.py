@@ -54,6 +54,22 @@ def save_tiny_model(path, seed: int = 0, arch: str = "qwen2"):
     return model
 
 
+@pytest.fixture
+def tiny_trained(tmp_path):
+    """``(tmp_path, model, adapter)``: a tiny HF folder in ``tmp_path/base`` and ``tmp_path/adapter.safetensors``
+    holding a non-zero v for it (the model keeps the adapter's hooks)."""
+    from tinylora_verl import TinyLoRAConfig, inject_tinylora
+
+    model = save_tiny_model(tmp_path / "base")
+    adapter = inject_tinylora(model, TinyLoRAConfig(budget=7))
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in adapter.vectors:
+            p.copy_(0.2 * torch.randn(p.shape, generator=gen))
+    adapter.save_adapter(str(tmp_path / "adapter.safetensors"))
+    return tmp_path, model, adapter
+
+
 class MLP(torch.nn.Module):
     """The peft-test style toy: two linears named like a transformer block's projections."""
 

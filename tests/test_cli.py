@@ -7,9 +7,7 @@ import sys
 import pytest
 import torch
 
-from tests.conftest import CONFIGS, save_tiny_model, tiny_causal_lm
-from tests.test_adapter import randomize_
-from tinylora_verl import TinyLoRAConfig, inject_tinylora
+from tests.conftest import CONFIGS, tiny_causal_lm
 from tinylora_verl.cli import main
 
 
@@ -48,13 +46,9 @@ def test_console_script_is_installed():
 
 
 @pytest.fixture
-def trained(tmp_path):
-    """A tiny HF model folder and a trained adapter file for it."""
-    model = save_tiny_model(tmp_path / "base")
-    adapter = inject_tinylora(model, TinyLoRAConfig(budget=7))
-    randomize_(adapter, std=0.2)
-    adapter.save_adapter(str(tmp_path / "adapter.safetensors"))
-    return tmp_path, model
+def trained(tiny_trained):
+    tmp, model, _ = tiny_trained
+    return tmp, model
 
 
 def test_show(capsys, trained):

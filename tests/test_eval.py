@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import save_tiny_model
 from tests.test_adapter import randomize_
 from tinylora_verl import TinyLoRAConfig, inject_tinylora
 from tinylora_verl.benchmarks import Problem, load_benchmark, parse_benchmarks
@@ -219,13 +218,8 @@ def test_benchmark_errors(tmp_path, monkeypatch):
 
 
 @pytest.fixture
-def tiny_run(tmp_path):
-    """A tiny HF folder (with tokenizer) and an adapter file with a non-zero v."""
-    model = save_tiny_model(tmp_path / "base")
-    adapter = inject_tinylora(model, TinyLoRAConfig(budget=7))
-    randomize_(adapter, std=0.2)
-    adapter.save_adapter(str(tmp_path / "adapter.safetensors"))
-    return tmp_path, model, adapter
+def tiny_run(tiny_trained):
+    return tiny_trained
 
 
 def test_write_merged_model(tiny_run):
