@@ -292,9 +292,9 @@ def write_metrics(path: Path, steps=20, u=13):
     with open(path, "w") as f:
         for s in range(1, steps + 1):
             data = {"critic/score/mean": 0.05 + 0.01 * s, "critic/rewards/mean": 0.04 + 0.01 * s,
-                    "rollout_corr/kl": 1e-3 / s, "training/rollout_probs_diff_mean": 2e-3, "tinylora/v_norm": 0.01 * s,
+                    "rollout_corr/kl": 1e-3 / s, "training/rollout_probs_diff_mean": 2e-3, "actor/tinylora/v_norm": 0.01 * s,
                     "response_length/mean": 200.0, "perf/throughput": "n/a"}
-            data |= {f"tinylora/v_{i}": float(0.001 * s * torch.randn((), generator=gen)) for i in range(u)}
+            data |= {f"actor/tinylora/v_{i}": float(0.001 * s * torch.randn((), generator=gen)) for i in range(u)}
             if s % 5 == 0:
                 data["val-core/openai/gsm8k/acc/mean@1"] = 0.01 * s
                 data["val-core/openai/gsm8k/reward/mean@1"] = 0.02 * s
@@ -432,3 +432,15 @@ def test_lora_engine_start_failure_is_explained(monkeypatch, tmp_path):
     with pytest.raises(RuntimeError, match=r"this vLLM build could not start with LoRA support \(enable_lora=True, "
                                            r"max_lora_rank=8\): NotImplementedError: .*; use --mode merged"):
         VLLMBackend(str(tmp_path), lora_dir=str(tmp_path), lora_rank=2)
+
+
+def test_plot_panels_select_verl_metric_names():
+    """Keys as verl's file logger writes them: actor metrics carry an "actor/" prefix."""
+    from tinylora_verl.plots import PANELS, _keys_for
+
+    keys = ["actor/tinylora/v_0", "actor/tinylora/v_10", "actor/tinylora/v_2", "actor/tinylora/v_norm",
+            "actor/tinylora/sync_bytes", "critic/score/mean", "rollout_corr/kl", "actor/grad_norm"]
+    panels = {title: _keys_for(patterns, keys) for title, patterns in PANELS}
+    assert panels["v"][:3] == ["actor/tinylora/v_0", "actor/tinylora/v_2", "actor/tinylora/v_10"]
+    assert "actor/tinylora/v_norm" in panels["v"] and "actor/tinylora/sync_bytes" not in panels["v"]
+    assert panels["reward"] == ["critic/score/mean"] and panels["rollout vs trainer mismatch"] == ["rollout_corr/kl"]

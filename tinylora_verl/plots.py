@@ -25,7 +25,8 @@ from pathlib import Path
 PANELS = (
     ("reward", (r"^critic/score/mean$", r"^critic/rewards/mean$", r"^val-[^/]+/.*reward/mean@\d+$")),
     ("accuracy", (r"(^|/)acc(uracy)?(/|$)",)),
-    ("v", (r"^tinylora/v_\d+$", r"^tinylora/v_norm$")),
+    # verl prefixes the actor worker's metrics with "actor/".
+    ("v", (r"(^|/)tinylora/v_\d+$", r"(^|/)tinylora/v_norm$")),
     ("rollout vs trainer mismatch", (r"^rollout_corr/kl$", r"^training/rollout_probs_diff_(mean|max)$")),
 )
 
