@@ -104,7 +104,8 @@ class TinyLoRAFSDPEngine(FSDPEngineWithLMHead):
         """Every rank must hold rank 0's factors (verl's FSDP2 load broadcasts buffers); fail loudly if not."""
         if dist.get_world_size() == 1:
             return
-        probe = torch.stack([m.tinylora_S.sum() + m.tinylora_U.sum() for m in self.tl_adapter._modules_by_name.values()])
+        factors = (self.tl_adapter.factors(name) for name in self.tl_adapter.module_names)
+        probe = torch.stack([S.sum() + U.sum() for U, S, _, _ in factors])  # (modules,)
         lo, hi = probe.clone(), probe.clone()
         dist.all_reduce(lo, op=dist.ReduceOp.MIN)
         dist.all_reduce(hi, op=dist.ReduceOp.MAX)
