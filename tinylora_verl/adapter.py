@@ -184,6 +184,14 @@ class TinyLoRAAdapter(nn.Module):
         """Map ``<module>.weight`` tensor names (HF checkpoint names) to module names."""
         return {f"{n}.weight": n for n in self._modules_by_name}
 
+    def _merge(self, name: str, weight: torch.Tensor, dtype: torch.dtype):
+        """``(cast(W + ΔW), ΔW, cast(W + ΔW) − cast(W))`` for module ``name``: the sum in float32, cast once."""
+        base = weight.detach().to(torch.float32)  # (out, in)
+        delta = self.delta_weight(name).to(base.device)  # (out, in)
+        merged = (base + delta).to(dtype)
+        delivered = merged.to(torch.float32) - base.to(dtype).to(torch.float32)  # (out, in)
+        return merged, delta, delivered
+
     def merged_named_tensors(
         self,
         named_tensors: Optional[Iterable[tuple[str, torch.Tensor]]] = None,
@@ -206,11 +214,7 @@ class TinyLoRAAdapter(nn.Module):
         for name, tensor in stream:
             module = index.get(name)
             if module is not None:
-                out_dtype = dtype or tensor.dtype
-                base = tensor.detach().to(torch.float32)  # (out, in)
-                delta = self.delta_weight(module).to(base.device)  # (out, in)
-                merged = (base + delta).to(out_dtype)
-                delivered = merged.to(torch.float32) - base.to(out_dtype).to(torch.float32)  # (out, in)
+                merged, delta, delivered = self._merge(module, tensor, dtype or tensor.dtype)
                 stats.delta_sq += delta.square().sum().item()
                 stats.delivered_sq += delivered.square().sum().item()
                 seen.add(name)
@@ -237,9 +241,7 @@ class TinyLoRAAdapter(nn.Module):
         """
         rows, tot_delta, tot_delivered = [], 0.0, 0.0
         for name, m in self._modules_by_name.items():
-            W = m.weight.detach().to(torch.float32)  # (out, in)
-            delta = self.delta_weight(name).to(W.device)  # (out, in)
-            delivered = (W + delta).to(dtype).to(torch.float32) - W.to(dtype).to(torch.float32)  # (out, in)
+            _, delta, delivered = self._merge(name, m.weight, dtype)
             dn, gn = delta.norm().item(), delivered.norm().item()
             err = (delivered - delta).norm().item()
             rows.append(ModuleFidelity(name, gn / dn if dn > 0 else 1.0, err / dn if dn > 0 else 0.0, dn, gn))
