@@ -179,6 +179,19 @@ def test_load_gsm8k_slice():
     assert probs[0].ground_truth == "70000" and probs[0].data_source == "openai/gsm8k"
 
 
+def test_load_gsm8k_prompt_style_matches_training_records():
+    from tinylora_verl.data import GSM8K_ONESHOT_TURNS, gsm8k_record
+
+    probs = load_benchmark("gsm8k", GSM8K_SLICE_DIR, limit=2, prompt_style="oneshot")
+    assert probs[0].messages[: len(GSM8K_ONESHOT_TURNS)] == GSM8K_ONESHOT_TURNS
+    row = load_benchmark("gsm8k", GSM8K_SLICE_DIR, limit=1, prompt_style="explicit")[0]
+    assert row.messages == gsm8k_record("q", "#### 1", "test", 0, "explicit")["prompt"][:-1] + [row.messages[-1]]
+    assert row.messages[-1]["content"].endswith(gsm8k_record("q", "#### 1", "test", 0, "explicit")["prompt"][-1]
+                                                ["content"][2:])
+    with pytest.raises(ValueError, match=r"prompt_style='fewshot' is not supported; expected one of \['explicit'"):
+        load_benchmark("gsm8k", GSM8K_SLICE_DIR, prompt_style="fewshot")
+
+
 def test_load_math_jsonl(tmp_path):
     rows = [{"problem": "1/2?", "answer": "$\\frac12$"}, {"problem": "2+2?", "solution": "so \\boxed{4}."},
             {"question": "x?", "final_answer": ["$3$"]}]
@@ -190,6 +203,8 @@ def test_load_math_jsonl(tmp_path):
     assert probs[2].data_source == "HuggingFaceH4/MATH-500" and load_benchmark("olympiadbench", path)[0].data_source \
         == "math"
     (tmp_path / "bad.jsonl").write_text(json.dumps({"problem": "x"}))
+    with pytest.raises(ValueError, match=r"prompt_style='oneshot' applies to gsm8k only; 'math500'"):
+        load_benchmark("math500", path, prompt_style="oneshot")
     with pytest.raises(ValueError, match=r"math500 row 0: needs one of \['problem'.*found fields \['problem'\]"):
         load_benchmark("math500", tmp_path / "bad.jsonl")
 

@@ -28,6 +28,7 @@ from typing import Any
 
 from .data import (
     GSM8K_DATA_SOURCE,
+    GSM8K_INSTRUCTIONS,
     Subset,
     gsm8k_record,
     load_gsm8k_rows,
@@ -107,7 +108,7 @@ def _first(row: dict, fields: tuple[str, ...]) -> Any:
     return None
 
 
-def _math_problem(spec: BenchmarkSpec, index: int, row: dict, split: str) -> Problem:
+def _math_problem(spec: BenchmarkSpec, index: int, row: dict, split: str, prompt_style: str = "verl") -> Problem:
     problem = _first(row, _PROBLEM_FIELDS)
     answer = _first(row, _ANSWER_FIELDS)
     if problem is None or (answer is None and not isinstance(row.get("solution"), str)):
@@ -120,10 +121,10 @@ def _math_problem(spec: BenchmarkSpec, index: int, row: dict, split: str) -> Pro
     return Problem(spec.name, index, rec["prompt"], rec["reward_model"]["ground_truth"], spec.data_source)
 
 
-def _gsm8k_problem(spec: BenchmarkSpec, index: int, row: dict, split: str) -> Problem:
+def _gsm8k_problem(spec: BenchmarkSpec, index: int, row: dict, split: str, prompt_style: str = "verl") -> Problem:
     if not isinstance(row.get("question"), str) or not isinstance(row.get("answer"), str):
         raise ValueError(f"{spec.name} row {index}: needs string fields 'question' and 'answer'; found {sorted(row)}")
-    rec = gsm8k_record(row["question"], row["answer"], split, index)
+    rec = gsm8k_record(row["question"], row["answer"], split, index, prompt_style)
     return Problem(spec.name, index, rec["prompt"], rec["reward_model"]["ground_truth"], spec.data_source)
 
 
@@ -153,13 +154,20 @@ def _load_rows(spec: BenchmarkSpec, source: str | os.PathLike | None, split: str
 
 
 def load_benchmark(name: str, source: str | os.PathLike | None = None, split: str | None = None,
-                   limit: int | None = None, offset: int = 0) -> list[Problem]:
-    """The problems of benchmark ``name`` (rows ``offset:offset+limit`` in source order); see the module docstring."""
+                   limit: int | None = None, offset: int = 0, prompt_style: str = "verl") -> list[Problem]:
+    """The problems of benchmark ``name`` (rows ``offset:offset+limit`` in source order); see the module docstring.
+
+    ``prompt_style`` (GSM8K only; see :data:`tinylora_verl.data.GSM8K_INSTRUCTIONS`) must match the training
+    data's, e.g. ``"oneshot"`` for the CPU recipes."""
     spec = get_spec(name)
+    if prompt_style not in GSM8K_INSTRUCTIONS:
+        raise ValueError(f"prompt_style={prompt_style!r} is not supported; expected one of {sorted(GSM8K_INSTRUCTIONS)}")
+    if prompt_style != "verl" and not spec.is_gsm8k:
+        raise ValueError(f"prompt_style={prompt_style!r} applies to gsm8k only; {name!r} uses the boxed-answer prompt")
     split = split or spec.split
     rows = _load_rows(spec, source, split)
     make = _gsm8k_problem if spec.is_gsm8k else _math_problem
-    return [make(spec, i, row, split) for i, row in Subset(limit=limit, offset=offset).select(rows)]
+    return [make(spec, i, row, split, prompt_style) for i, row in Subset(limit=limit, offset=offset).select(rows)]
 
 
 __all__ = ["BENCHMARKS", "BenchmarkSpec", "Problem", "get_spec", "load_benchmark", "parse_benchmarks"]

@@ -17,6 +17,7 @@ import sys
 from typing import Optional, Sequence
 
 from .config import DEFAULT_TARGET_MODULES, TIE_MODES
+from .data import GSM8K_INSTRUCTIONS
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
@@ -116,7 +117,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     problems = []
     for name in names:
         problems += load_benchmark(name, _benchmark_source(name, data, args.data_dir), split=args.split,
-                                   limit=args.limit, offset=args.offset)
+                                   limit=args.limit, offset=args.offset, prompt_style=args.prompt_style)
     decodings = default_decodings(args.samples, args.temperature, args.max_tokens)
     rows = run_eval(args.model, problems, decodings, args.out, adapter=args.adapter, mode=args.mode,
                     with_base=args.with_base, max_model_len=args.max_model_len, seed=args.seed)
@@ -182,6 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--split", default=None, help="Dataset split for every benchmark (default: each one's own).")
     ev.add_argument("--limit", type=int, default=None, help="At most this many problems per benchmark.")
     ev.add_argument("--offset", type=int, default=0, help="Skip this many problems first.")
+    ev.add_argument("--prompt-style", default="verl", choices=sorted(GSM8K_INSTRUCTIONS),
+                    help="GSM8K prompt; use the training data's (oneshot for the CPU recipes).")
     ev.add_argument("--samples", type=int, default=0, help="Also draw K samples per problem (mean accuracy).")
     ev.add_argument("--temperature", type=float, default=1.0, help="Temperature of the sampled decoding.")
     ev.add_argument("--max-tokens", type=int, default=512, help="Max new tokens per response.")
