@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Run the CPU recipe as a Ray job: start a local Ray head, `ray job submit` verl's main_ppo to it, stop the head.
+# Run the CPU recipe as a Ray job: start a local Ray head, submit to it with recipes/ray_submit.sh (the same
+# script as for a GPU cluster: node preflight, then verl's main_ppo), stop the head.
 #   STEPS=2 OUT=outputs/ray_job bash recipes/ray_submit_cpu.sh [extra Hydra overrides...]
 # The head advertises logical resources for what verl asks of a CPU box (cpu_base: 16 CPUs, 1 "GPU" slot),
 # and the job leaves ray_init's resource arguments empty: Ray refuses them when joining an existing cluster.
@@ -34,7 +35,7 @@ for _ in $(seq 120); do
   sleep 1
 done
 
-"$RAY" job submit --address "http://127.0.0.1:$PORT" -- \
-  "$PY" -m verl.trainer.main_ppo +recipe=tinylora_gsm8k_cpu \
+RAY_ADDRESS="http://127.0.0.1:$PORT" RECIPE=tinylora_gsm8k_cpu NNODES=1 GPUS_PER_NODE=1 PY="$PY" RAY="$RAY" \
+  bash "$(dirname "${BASH_SOURCE[0]}")/ray_submit.sh" \
   ray_kwargs.ray_init.num_cpus=null ray_kwargs.ray_init.num_gpus=null \
   trainer.total_training_steps="$STEPS" trainer.default_local_dir="$OUT" hydra.run.dir="$OUT/hydra" "$@"
