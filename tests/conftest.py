@@ -111,3 +111,14 @@ def smollm2_factors(smollm2_path):
 
     model = AutoModelForCausalLM.from_pretrained(str(smollm2_path), dtype=torch.bfloat16)
     return {n: top_r_svd(m.weight, 2) for n, m in find_target_modules(model, DEFAULT_TARGET_MODULES).items()}
+
+
+def pytest_collection_modifyitems(config, items):
+    """``@pytest.mark.gpu(n)`` tests need ``n`` CUDA devices (default 1); without them they are skipped, not faked."""
+    available = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    for item in items:
+        marker = item.get_closest_marker("gpu")
+        if marker is not None:
+            needed = marker.args[0] if marker.args else 1
+            if available < needed:
+                item.add_marker(pytest.mark.skip(reason=f"needs {needed} CUDA GPU(s); this machine has {available}"))

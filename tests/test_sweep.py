@@ -103,7 +103,7 @@ def test_launch_skips_finished_runs_and_reports_failures(tmp_path, capsys):
 
 # ------------------------------------------------------------------------------------------ real CPU sweeps
 
-CPU_RUN = ["--recipe", "tinylora_gsm8k_cpu", "--budgets", "13", "--lrs", "0.02", "--seeds", "0",
+CPU_RUN = ["--budgets", "13", "--lrs", "0.02", "--seeds", "0",
            "trainer.total_training_steps=1", "trainer.save_freq=-1", "trainer.test_freq=1",
            "trainer.val_before_train=true", "data.val_max_samples=8", "actor_rollout_ref.rollout.seed=0"]
 
@@ -125,7 +125,9 @@ def check_collected(out: Path, proc: subprocess.CompletedProcess):
 @pytest.mark.slow
 def test_local_sweep_runs_and_collects(tmp_path):
     out = tmp_path / "sweep"
-    proc = subprocess.run([sys.executable, "-m", "tinylora_verl.sweep", "--out", str(out), *CPU_RUN],
+    # The learning recipe of docs/cpu-learning.md, cut to one step.
+    proc = subprocess.run([sys.executable, "-m", "tinylora_verl.sweep", "--out", str(out),
+                           "--recipe", "tinylora_gsm8k_cpu_learn", *CPU_RUN],
                           capture_output=True, text=True, timeout=1200)
     check_collected(out, proc)
 
@@ -159,7 +161,8 @@ def test_ray_sweep_submits_jobs_and_collects(tmp_path, ray_head):
     out = tmp_path / "sweep"
     proc = subprocess.run([sys.executable, "-m", "tinylora_verl.sweep", "--out", str(out), "--backend", "ray",
                            "--address", "http://127.0.0.1:8267", "--ray", ray, "--python", sys.executable,
-                           "--runtime-env", str(ROOT / "recipes" / "runtime_env.yaml"), *CPU_RUN,
+                           "--runtime-env", str(ROOT / "recipes" / "runtime_env.yaml"), "--recipe",
+                           "tinylora_gsm8k_cpu", *CPU_RUN,
                            "ray_kwargs.ray_init.num_cpus=null", "ray_kwargs.ray_init.num_gpus=null"],
                           capture_output=True, text=True, timeout=1200, env=env)
     check_collected(out, proc)
