@@ -233,6 +233,41 @@ class TinyLoRAAdapter(nn.Module):
                 "they would have been sent unmerged"
             )
 
+    def lora_config(self) -> dict:
+        """peft ``LoraConfig`` fields matching :meth:`lora_named_tensors`: rank r and ``lora_alpha = r``, so the
+        LoRA scaling ``alpha / r`` is exactly 1 (peft and vLLM both read these)."""
+        r = self.config.r
+        return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": r, "lora_dropout": 0.0,
+                "bias": "none", "use_rslora": False, "use_dora": False, "fan_in_fan_out": False,
+                "init_lora_weights": True, "inference_mode": True, "target_modules": sorted(self.module_names),
+                "modules_to_save": None}
+
+    def lora_named_tensors(self, dtype: torch.dtype = torch.float32,
+                           stats: Optional["MergeStats"] = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield ΔW as its exact rank-r LoRA under peft names, on CPU in ``dtype``:
+
+            base_model.model.<module>.lora_A.weight = Vᵀ        (r, in)
+            base_model.model.<module>.lora_B.weight = U Σ M     (out, r),   B A = ΔW
+
+        ``stats`` accumulates bytes and seconds, and as fidelity ``‖cast(B) cast(A)‖ / ‖B A‖`` (how much of ΔW a
+        consumer holding the factors in ``dtype`` serves), from r×r Gram matrices rather than out×in products.
+        """
+        stats = stats if stats is not None else MergeStats()
+        start = time.perf_counter()
+        for name in self.module_names:
+            B, A = (t.detach().to("cpu", torch.float32) for t in self.lora_factors(name))  # (out, r), (r, in)
+            Bc, Ac = B.to(dtype), A.to(dtype)
+            Bf, Af = Bc.to(torch.float32), Ac.to(torch.float32)
+            # ‖B A‖² = tr((BᵀB)(A Aᵀ)).
+            stats.delta_sq += torch.trace((B.T @ B) @ (A @ A.T)).item()
+            stats.delivered_sq += torch.trace((Bf.T @ Bf) @ (Af @ Af.T)).item()
+            for suffix, tensor in (("lora_A", Ac), ("lora_B", Bc)):
+                stats.tensors += 1
+                stats.bytes += tensor.numel() * tensor.element_size()
+                yield f"base_model.model.{name}.{suffix}.weight", tensor.contiguous()
+        stats.merged = len(self.module_names)
+        stats.seconds = time.perf_counter() - start
+
     def merge_fidelity(self, dtype: torch.dtype) -> tuple[float, list[ModuleFidelity]]:
         """Overall and per-module ``‖cast(W+ΔW) − cast(W)‖ / ‖ΔW‖`` for merged weights stored in ``dtype``.
 

@@ -127,29 +127,9 @@ def export_lora(adapter: "TinyLoRAAdapter", path: str, dtype: torch.dtype = torc
     ``lora_alpha = r`` makes peft's scaling ``alpha / r`` exactly 1, so ``B A = ΔW``.
     """
     os.makedirs(path, exist_ok=True)
-    tensors = {}
-    for name in adapter.module_names:
-        B, A = adapter.lora_factors(name)  # (out, r), (r, in)
-        tensors[f"base_model.model.{name}.lora_A.weight"] = A.to("cpu", dtype).contiguous()
-        tensors[f"base_model.model.{name}.lora_B.weight"] = B.to("cpu", dtype).contiguous()
-    r = adapter.config.r
+    tensors = dict(adapter.lora_named_tensors(dtype))
     base = getattr(getattr(adapter.model, "config", None), "_name_or_path", None)
-    cfg = {
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
-        "r": r,
-        "lora_alpha": r,
-        "lora_dropout": 0.0,
-        "bias": "none",
-        "use_rslora": False,
-        "use_dora": False,
-        "fan_in_fan_out": False,
-        "init_lora_weights": True,
-        "inference_mode": True,
-        "target_modules": sorted(adapter.module_names),
-        "base_model_name_or_path": base,
-        "modules_to_save": None,
-    }
+    cfg = {**adapter.lora_config(), "base_model_name_or_path": base}
     with open(os.path.join(path, "adapter_config.json"), "w") as f:
         json.dump(cfg, f, indent=2)
     save_file(tensors, os.path.join(path, "adapter_model.safetensors"), metadata={"format": "pt"})

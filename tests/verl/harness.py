@@ -32,14 +32,14 @@ def init_single_process(port: int = 29531) -> None:
 
 
 def build_engine(model_dir: Path, tinylora: dict | None, forward_only: bool = False, lr: float = 1e-2, initialize: bool = True,
-                 **model_kw):
+                 lora_extra: dict | None = None, **model_kw):
     """``EngineRegistry.new`` exactly as verl's TrainingWorker calls it, then ``initialize()``."""
     import tinylora_verl.verl.register  # noqa: F401  (what model.external_lib does in a worker)
     from verl.trainer.config import CheckpointConfig
     from verl.workers.config import FSDPEngineConfig, FSDPOptimizerConfig, HFModelConfig
     from verl.workers.engine.base import EngineRegistry
 
-    lora = {"tinylora": tinylora} if tinylora is not None else {}
+    lora = ({"tinylora": tinylora} if tinylora is not None else {}) | (lora_extra or {})
     mc = HFModelConfig(path=str(model_dir), lora=lora, override_config={"attn_implementation": "eager"},
                        use_remove_padding=False, **model_kw)
     # fp32 compute so results compare exactly with a plain float32 reference

@@ -133,3 +133,23 @@ def test_worker_extension_points_vllm_at_cpu_receiver():
         """
     )
     assert result == {"same": True, "subclass": True}
+
+
+@pytest.mark.slow
+def test_lora_loader_alias_is_still_needed_and_applied():
+    """verl 0.9.1's tensor-LoRA loader calls a WeightsMapper method vLLM 0.31 renamed; the alias must be needed
+    (else drop it) and in place after the CPU receiver module is imported."""
+    result = _run_activated(
+        """
+        import inspect, json
+        from vllm.model_executor.models.utils import WeightsMapper
+        had = hasattr(WeightsMapper, "get_unstacked_mapper")
+        import verl.utils.vllm.utils as verl_vllm_utils
+        calls = "get_unstacked_mapper" in inspect.getsource(verl_vllm_utils.VLLMHijack.hijack)
+        from tinylora_verl.verl import cpu_rollout
+        print(json.dumps({"had": had, "verl_calls": calls,
+                          "aliased": WeightsMapper.get_unstacked_mapper is WeightsMapper.get_rename_mapper,
+                          "again": cpu_rollout.alias_unstacked_mapper()}))
+        """
+    )
+    assert result == {"had": False, "verl_calls": True, "aliased": True, "again": False}, result

@@ -61,6 +61,45 @@ def test_stream_has_base_names_and_merged_values(model_dir, sync_dtype):
     assert engine.tl_last_sync.merged == 14 and engine.tl_last_sync.bytes > 0
 
 
+@pytest.mark.parametrize("sync_dtype, tol", [("float32", 1e-5), ("bfloat16", 2e-2)])
+def test_lora_sync_streams_the_exact_lora_then_base_on_request(model_dir, sync_dtype, tol):
+    """sync_mode=lora: peft names and config, B A = ΔW, and served through peft it gives the hooked model."""
+    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+    from transformers import AutoModelForCausalLM
+
+    engine = harness.build_engine(model_dir, {"enable": True, "budget": 7, "init": "normal", "init_std": 0.3,
+                                              "sync_mode": "lora", "sync_dtype": sync_dtype}, lora_extra={"rank": 2})
+    base, adapter = reference(model_dir, engine)
+    stream, peft_config = engine.get_per_tensor_param(base_sync_done=True)
+    lora = dict(stream)
+    assert peft_config["r"] == 2 and peft_config["lora_alpha"] == 2
+    assert peft_config["target_modules"] == sorted(adapter.module_names)
+    assert len(lora) == 2 * 14 and all(t.dtype == getattr(torch, sync_dtype) for t in lora.values())
+    for name in adapter.module_names:
+        A, B = (lora[f"base_model.model.{name}.lora_{x}.weight"].float() for x in "AB")
+        torch.testing.assert_close(B @ A, adapter.delta_weight(name), rtol=tol, atol=tol * 1e-2)
+    sync = engine.tl_last_sync
+    assert sync.merged == 14 and sync.bytes == sum(t.numel() * t.element_size() for t in lora.values())
+    assert abs(sync.fidelity - 1) < (1e-6 if sync_dtype == "float32" else 1e-2)
+    # An independent consumer: peft loads the stream onto a fresh copy of the base.
+    fresh = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    fresh.config._attn_implementation = "eager"
+    keys = ("r", "lora_alpha", "lora_dropout", "bias", "target_modules")
+    served = get_peft_model(fresh, LoraConfig(**{k: peft_config[k] for k in keys}))
+    missing = set_peft_model_state_dict(served, {k: v.float() for k, v in lora.items()}).unexpected_keys
+    assert not missing, missing[:3]
+    ids = harness.batch()
+    with torch.no_grad():
+        torch.testing.assert_close(served(input_ids=ids).logits, base(input_ids=ids).logits, rtol=tol, atol=tol)
+    # The one base sync verl asks for when vLLM started from dummy weights: pristine W under HF names.
+    stream, peft_config = engine.get_per_tensor_param(base_sync_done=False)
+    got = dict(stream)
+    assert peft_config is not None and list(got) == list(base.state_dict())
+    plain = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).state_dict()
+    for name, tensor in got.items():
+        assert torch.equal(tensor, plain[name].to(getattr(torch, sync_dtype))), name
+
+
 def test_hooked_forward_matches_core(model_dir, engine):
     base, _ = reference(model_dir, engine)
     ids = harness.batch()
@@ -155,7 +194,15 @@ def test_bypassing_sync_paths_are_refused(engine):
 @pytest.mark.parametrize(
     "model_kw, tinylora, msg",
     [
-        ({"lora_rank": 8}, {"enable": True}, r"TinyLoRA and verl's PEFT LoRA are both enabled"),
+        ({"lora_rank": 8}, {"enable": True}, r"TinyLoRA and verl's PEFT LoRA are both enabled \(model.lora_rank=8\)"),
+        ({"lora_extra": {"rank": 8}}, {"enable": True}, r"model.lora.rank=8 would make vLLM serve a LoRA that "
+                                                         r"sync_mode=merged never sends"),
+        ({}, {"enable": True, "sync_mode": "lora"}, r"sync_mode=lora needs actor_rollout_ref.model.lora.rank >= r=2"
+                                                    r" \(vLLM's LoRA slot\), got 0"),
+        ({"lora_extra": {"rank": 1}}, {"enable": True, "sync_mode": "lora"}, r"lora.rank >= r=2 .*got 1"),
+        ({"lora_extra": {"rank": 2, "merge": True}}, {"enable": True, "sync_mode": "lora"},
+         r"model.lora.merge=true would ask verl to merge it"),
+        ({}, {"enable": True, "sync_mode": "delta"}, r"`tinylora.sync_mode` should be one of \['merged', 'lora'\]"),
         ({"lora_adapter_path": "/some/peft"}, {"enable": True}, r"model.lora_adapter_path='/some/peft' would be ignored"),
         ({}, {"enable": True, "sync_dtype": "int8"}, r"`tinylora.sync_dtype` should be one of \['bfloat16', 'float16', 'float32'\]"),
         ({}, {"enable": True, "rank": 2}, r"Unknown TinyLoRA config keys \['rank'\]"),

@@ -69,6 +69,13 @@ REQUIRED_VERL_INTERNALS: tuple[tuple[str, str], ...] = (
     ("verl.workers.rollout.vllm_rollout.bucketed_weight_transfer", "BucketedWeightReceiver.receive_weights"),
     ("verl.workers.engine.fsdp.transformer_impl", "device_name"),
     ("vllm.v1.worker.gpu_worker", "Worker.reload_weights"),
+    # sync_mode: lora on CPU (cpu_rollout._load_lora).
+    ("verl.utils.vllm", "TensorLoRARequest"),
+    ("verl.utils.vllm.utils", "VLLMHijack.hijack"),
+    ("verl.workers.rollout.vllm_rollout.utils", "VLLM_LORA_INT_ID"),
+    ("vllm.v1.worker.gpu_worker", "Worker.add_lora"),
+    ("vllm.v1.worker.gpu_worker", "Worker.list_loras"),
+    ("vllm.model_executor.models.utils", "WeightsMapper.get_rename_mapper"),
 )
 
 # The subset activate() may import in every process: no vLLM, no engine or worker modules.

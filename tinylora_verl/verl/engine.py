@@ -9,8 +9,11 @@ injected, factors computed on every rank that holds weights (ranks built on meta
 FSDP would shard 13 scalars and hand the forward a bf16 copy. Its gradient is averaged over the
 engine's ranks in :meth:`optimizer_step`, matching FSDP's own averaging that verl's loss scaling assumes.
 
-Before each rollout verl streams ``get_per_tensor_param()`` to the inference engine; here that stream is
-wrapped so every target weight goes out as ``cast(W + ΔW)`` computed in float32 from the pristine base.
+Before each rollout verl streams ``get_per_tensor_param()`` to the inference engine. With ``sync_mode: merged``
+that stream is wrapped so every target weight goes out as ``cast(W + ΔW)`` computed in float32 from the pristine
+base. With ``sync_mode: lora`` it is replaced by ΔW's exact rank-r LoRA plus a peft config, which verl's worker
+(``engine_workers.py``, ``update_weights``) sends as an adapter after one base-weight sync; verl's vLLM server
+then serves every request through it.
 """
 
 from __future__ import annotations
@@ -50,11 +53,7 @@ class TinyLoRAFSDPEngine(FSDPEngineWithLMHead):
         self.tl_adapter: Optional[TinyLoRAAdapter] = None
         self.tl_last_sync: Optional[MergeStats] = None
         if self.tl_config is not None:
-            if model_config.lora_rank > 0 or (model_config.lora or {}).get("rank", 0) > 0:
-                raise ValueError(
-                    "TinyLoRA and verl's PEFT LoRA are both enabled (model.lora_rank / model.lora.rank > 0); "
-                    "set the LoRA rank to 0 to train TinyLoRA"
-                )
+            self._check_lora_settings(model_config)
             if model_config.lora_adapter_path not in (None, REF_IN_ACTOR_MARKER):
                 raise ValueError(
                     f"model.lora_adapter_path={model_config.lora_adapter_path!r} would be ignored with TinyLoRA; "
@@ -65,6 +64,24 @@ class TinyLoRAFSDPEngine(FSDPEngineWithLMHead):
                     f"TinyLoRA's engine supports actor.strategy=fsdp2, got {engine_config.strategy!r}: FSDP1 flat "
                     "parameters would need a different weight-sync naming path"
                 )
+
+    def _check_lora_settings(self, model_config) -> None:
+        """verl reads two LoRA ranks: ``model.lora_rank`` makes the engine wrap the model in peft (never with
+        TinyLoRA); ``model.lora.rank`` makes the rollout serve a LoRA (exactly what ``sync_mode: lora`` needs)."""
+        lora = dict(model_config.lora or {})
+        if model_config.lora_rank > 0:
+            raise ValueError(f"TinyLoRA and verl's PEFT LoRA are both enabled (model.lora_rank="
+                             f"{model_config.lora_rank}); set model.lora_rank=0 to train TinyLoRA")
+        if self.tl_options.sync_mode == "merged" and lora.get("rank", 0) > 0:
+            raise ValueError(f"model.lora.rank={lora['rank']} would make vLLM serve a LoRA that sync_mode=merged "
+                             "never sends; set model.lora.rank=0, or tinylora.sync_mode=lora")
+        if self.tl_options.sync_mode == "lora":
+            if lora.get("rank", 0) < self.tl_config.r:
+                raise ValueError(f"tinylora.sync_mode=lora needs actor_rollout_ref.model.lora.rank >= r="
+                                 f"{self.tl_config.r} (vLLM's LoRA slot), got {lora.get('rank', 0)}")
+            if lora.get("merge", False):
+                raise ValueError("tinylora.sync_mode=lora sends an adapter; model.lora.merge=true would ask verl "
+                                 "to merge it: set model.lora.merge=false")
 
     @property
     def tinylora_enabled(self) -> bool:
@@ -172,6 +189,8 @@ class TinyLoRAFSDPEngine(FSDPEngineWithLMHead):
 
     # ------------------------------------------------------------------ weight sync
     def get_per_tensor_param(self, layered_summon=False, base_sync_done=False, **kwargs):
+        if self.tinylora_enabled and self.tl_options.sync_mode == "lora":
+            return self._lora_stream(layered_summon, base_sync_done, **kwargs)
         stream, peft_config = super().get_per_tensor_param(layered_summon=layered_summon, base_sync_done=base_sync_done, **kwargs)
         if not self.tinylora_enabled:
             return stream, peft_config
@@ -180,14 +199,28 @@ class TinyLoRAFSDPEngine(FSDPEngineWithLMHead):
         dtype = getattr(torch, self.tl_options.sync_dtype)
         return self._logged(self.tl_adapter.merged_named_tensors(stream, dtype=dtype, stats=stats), stats), None
 
+    def _lora_stream(self, layered_summon, base_sync_done, **kwargs):
+        """``sync_mode: lora``. verl's worker asks with ``base_sync_done=True`` (the adapter) and, once, when
+        the rollout started from dummy weights, with ``False`` (the pristine base under HF names); a non-None
+        peft config is what tells it to send an adapter."""
+        dtype = getattr(torch, self.tl_options.sync_dtype)
+        peft_config = self.tl_adapter.lora_config()
+        if not base_sync_done:
+            stream, _ = super().get_per_tensor_param(layered_summon=layered_summon, base_sync_done=False, **kwargs)
+            return ((name, t.to(dtype) if t.is_floating_point() else t) for name, t in stream), peft_config
+        stats = MergeStats()
+        self.tl_last_sync = stats
+        return self._logged(self.tl_adapter.lora_named_tensors(dtype, stats=stats), stats), peft_config
+
     def _logged(self, stream, stats: MergeStats):
         yield from stream
         if self.rank == 0:
             v = torch.cat([p.detach().float().reshape(-1).cpu() for p in self.tl_adapter.parameters()])
             shown = [round(x, 6) for x in v.tolist()] if v.numel() <= self.tl_options.log_v_max else f"|v|={v.norm():.4g}"
             logger.warning(
-                "[tinylora] sync: %d tensors (%d merged), %.1f MB in %.2fs, merge fidelity %.4f, v=%s",
-                stats.tensors, stats.merged, stats.bytes / 2**20, stats.seconds, stats.fidelity, shown,
+                "[tinylora] %s sync: %d tensors (%d modules), %.2f MB in %.2fs, fidelity %.4f, v=%s",
+                self.tl_options.sync_mode, stats.tensors, stats.merged, stats.bytes / 2**20, stats.seconds,
+                stats.fidelity, shown,
             )
 
     def get_per_tensor_param_shard(self, **kwargs):

@@ -14,7 +14,7 @@ from typing import Any, Mapping, Optional
 from ..config import TinyLoRAConfig
 
 SYNC_DTYPES = ("bfloat16", "float16", "float32")
-SYNC_MODES = ("merged",)
+SYNC_MODES = ("merged", "lora")
 
 
 @dataclass
@@ -23,13 +23,15 @@ class TinyLoRAVerlOptions:
 
     Args:
         enable: inject TinyLoRA into the actor (the ref engine, forward-only, always stays plain).
-        sync_dtype: dtype of the merged weights streamed to the rollout (the rollout engine's dtype).
-        sync_mode: ``merged`` streams ``cast(W + ΔW)`` under the base's HF names.
+        sync_dtype: dtype of the weights (merged mode) or LoRA factors (lora mode) streamed to the rollout.
+        sync_mode: ``merged`` streams ``cast(W + ΔW)`` under the base's HF names; ``lora`` streams ΔW as its exact
+            rank-r LoRA through verl's LoRA adapter path (needs ``model.lora.rank >= r``, ``model.lora_rank: 0``),
+            so ΔW is no longer rounded against W and a sync is a few MB instead of the whole model.
         log_v_max: log every v value per step when there are at most this many.
     """
 
     enable: bool = field(default=False, metadata={"help": "Inject TinyLoRA into the actor engine."})
-    sync_dtype: str = field(default="bfloat16", metadata={"help": f"Merged-weight dtype sent to the rollout: {SYNC_DTYPES}."})
+    sync_dtype: str = field(default="bfloat16", metadata={"help": f"dtype of what is sent to the rollout: {SYNC_DTYPES}."})
     sync_mode: str = field(default="merged", metadata={"help": f"How the adapter reaches the rollout: {SYNC_MODES}."})
     log_v_max: int = field(default=64, metadata={"help": "Log each v value per step up to this many values."})
 
