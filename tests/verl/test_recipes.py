@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 from tinylora_verl.verl.entry import available_recipes, recipe_dir
 from tinylora_verl.verl.options import parse_tinylora_block
 
-RECIPES = ["tinylora_gsm8k", "tinylora_math", "tinylora_gsm8k_cpu", "tinylora_gsm8k_cpu_learn"]
+RECIPES = ["tinylora_gsm8k", "tinylora_math", "tinylora_gsm8k_cpu", "tinylora_gsm8k_cpu_learn", "tinylora_gsm8k_cpu_lora"]
 
 
 def compose(*overrides):
