@@ -33,7 +33,6 @@ def test_lora_sync_serves_the_adapter_through_vllms_lora(runs):
     # The adapter stream: 210 modules x (A, B) in bf16, against the whole merged model.
     assert lora["actor/tinylora/sync_bytes"] < merged["actor/tinylora/sync_bytes"] / 50
     assert abs(lora["actor/tinylora/merge_fidelity"] - 1) < 1e-2
-    assert lora["actor/tinylora/v_norm"] == pytest.approx(merged["actor/tinylora/v_norm"], rel=1e-6)
 
 
 def test_mismatch_drops_below_the_merged_modes(runs):
