@@ -18,10 +18,15 @@ from typing import Callable, Optional
 from .common import Section, log
 
 KEYS = ("tinylora/sync_bytes", "tinylora/sync_seconds", "tinylora/merge_fidelity")
+# Side by side across runs (compare): phases of a step, sync, the actor's memory, the trainer/rollout mismatch.
+COMPARE_KEYS = ("timing_s/gen", "timing_s/old_log_prob", "timing_s/update_actor", "timing_s/update_weights",
+                "timing_s/step", "tinylora/sync_bytes", "tinylora/sync_seconds", "tinylora/merge_fidelity",
+                "perf/cpu_memory_used_gb", "training/rollout_probs_diff_mean", "rollout_corr/k3_kl", "critic/score/mean")
 
 
-def read_metrics(path: str | Path) -> dict[str, list[tuple[int, float]]]:
-    """``{metric: [(step, value), ...]}`` for the keys of interest; malformed lines are skipped and counted."""
+def read_metrics(path: str | Path, keys: tuple[str, ...] = KEYS) -> dict[str, list[tuple[int, float]]]:
+    """``{metric: [(step, value), ...]}`` for ``keys`` and every ``timing_s/*``; malformed lines are skipped and
+    counted. verl prefixes worker metrics with the role (``actor/tinylora/...``); the prefix is dropped."""
     series: dict[str, list[tuple[int, float]]] = {}
     bad = 0
     with open(path) as f:
@@ -36,7 +41,8 @@ def read_metrics(path: str | Path) -> dict[str, list[tuple[int, float]]]:
                 bad += 1
                 continue
             for k, v in data.items():
-                if (k in KEYS or k.startswith("timing_s/")) and isinstance(v, (int, float)) and math.isfinite(v):
+                k = k.removeprefix("actor/")
+                if (k in keys or k.startswith("timing_s/")) and isinstance(v, (int, float)) and math.isfinite(v):
                     series.setdefault(k, []).append((step, float(v)))
     if bad:
         series["_malformed_lines"] = [(0, float(bad))]
@@ -79,4 +85,39 @@ def run(path: str | Path, floor_bytes: int = 26, skip_first: int = 1,
         notes.append("no tinylora/* or timing_s/* metrics found in the file.")
     cols = ["metric", "n", "median", "mean", "min", "max"]
     return Section("e2e", f"End-to-end metrics from `{Path(path).name}`", cols, rows, notes, summary,
+                   time.perf_counter() - start)
+
+
+def compare(runs: dict[str, str | Path], skip_first: int = 1, floor_bytes: int = 26,
+            progress: Optional[Callable[[str], None]] = log) -> Section:
+    """Median of each :data:`COMPARE_KEYS` metric per run, side by side, with each run's ratio to the first."""
+    start = time.perf_counter()
+    progress = progress or (lambda s: None)
+    labels = list(runs)
+    medians: dict[str, dict[str, float]] = {}
+    for label, path in runs.items():
+        progress(f"e2e: reading {label} = {path}")
+        series = read_metrics(path, COMPARE_KEYS)
+        series.pop("_malformed_lines", None)
+        steps = sorted({s for v in series.values() for s, _ in v})
+        kept = set(steps[skip_first:]) if len(steps) > skip_first else set(steps)
+        medians[label] = {k: statistics.median([x for s, x in v if s in kept]) for k, v in series.items()
+                          if any(s in kept for s, _ in v)}
+    keys = [k for k in COMPARE_KEYS if any(k in m for m in medians.values())]
+    keys += sorted({k for m in medians.values() for k in m if k.startswith("timing_s/")} - set(keys))
+    first = labels[0]
+    rows = []
+    for k in keys:
+        vals = [medians[lb].get(k) for lb in labels]
+        ratios = [f"{v / vals[0]:.3g}" if v is not None and vals[0] not in (None, 0) else "-" for v in vals[1:]]
+        rows.append([k] + [("-" if v is None else v) for v in vals] + ratios)
+    cols = ["metric"] + [f"{lb} (median)" for lb in labels] + [f"{lb} / {first}" for lb in labels[1:]]
+    notes = [f"Medians over each run's steps after the first {skip_first} (warm-up); runs: "
+             + ", ".join(f"{lb} = `{Path(p).name}`" for lb, p in runs.items()) + "."]
+    for lb in labels:
+        sb = medians[lb].get("tinylora/sync_bytes")
+        if sb:
+            notes.append(f"{lb}: {sb:.4g} B per sync, ×{sb / floor_bytes:.3g} the physical floor of {floor_bytes} B.")
+    summary = {"runs": {lb: str(p) for lb, p in runs.items()}, "medians": medians, "floor_bytes": floor_bytes}
+    return Section("e2e-compare", "End-to-end step on CPU, side by side", cols, rows, notes, summary,
                    time.perf_counter() - start)

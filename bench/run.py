@@ -52,6 +52,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--profile", choices=("auto", "always", "never"), default="auto",
                    help="profile the hook: auto = when TinyLoRA's overhead misses the 1.05x goal")
     p.add_argument("--e2e-metrics", default=None, help="verl file-logger JSONL to summarize")
+    p.add_argument("--e2e-compare", action="append", default=[], metavar="LABEL=JSONL",
+                   help="verl metrics of runs to put side by side (repeat; the first is the reference)")
     p.add_argument("--e2e-floor-bytes", type=int, default=26, help="physical floor of one sync (13 bf16 = 26 B)")
     return p.parse_args(argv)
 
@@ -156,8 +158,14 @@ def main(argv=None) -> int:
     unknown = only - set(SECTIONS)
     if unknown:
         raise SystemExit(f"--only: unknown sections {sorted(unknown)}; choose among {list(SECTIONS)}")
-    if args.e2e_metrics:
+    if args.e2e_metrics or args.e2e_compare:
         only.add("e2e")
+    compare_runs = {}
+    for item in args.e2e_compare:
+        label, sep, path = item.partition("=")
+        if not sep or not label or not Path(path).is_file():
+            raise SystemExit(f"--e2e-compare {item!r} must be LABEL=PATH of an existing verl metrics JSONL")
+        compare_runs[label] = path
     fast = args.fast
     repeats = args.repeats or (3 if fast else 15)
     warmup = args.warmup if args.warmup is not None else (1 if fast else 2)
@@ -198,10 +206,12 @@ def main(argv=None) -> int:
         if not dtypes:
             log("profile: skipped (overhead goal met, or no overhead section; --profile always forces it)")
     if "e2e" in only:
-        if not args.e2e_metrics:
-            log("e2e: skipped (no --e2e-metrics PATH)")
-        else:
+        if not (args.e2e_metrics or compare_runs):
+            log("e2e: skipped (no --e2e-metrics PATH or --e2e-compare LABEL=PATH)")
+        if args.e2e_metrics:
             sections["e2e"] = e2e.run(args.e2e_metrics, floor_bytes=args.e2e_floor_bytes)
+        if compare_runs:
+            sections["e2e-compare"] = e2e.compare(compare_runs, floor_bytes=args.e2e_floor_bytes)
     total = time.perf_counter() - t0
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -124,9 +124,11 @@ def test_profile_structure():
     assert calls[overhead.OURS] > calls[overhead.BASE] and sec.summary["n_modules"] == 14
 
 
-def write_metrics(path):
-    lines = [{"step": s, "data": {"tinylora/sync_bytes": 2.6e8, "tinylora/sync_seconds": 0.5 + s,
-                                  "timing_s/step": 10.0 + s, "actor/loss": 1.0}} for s in range(1, 5)]
+def write_metrics(path, scale=1.0):
+    # verl's names: worker metrics carry the role prefix (actor/tinylora/...).
+    lines = [{"step": s, "data": {"actor/tinylora/sync_bytes": 2.6e8 * scale, "actor/tinylora/sync_seconds": 0.5 + s,
+                                  "timing_s/step": (10.0 + s) * scale, "actor/loss": 1.0,
+                                  "training/rollout_probs_diff_mean": 0.01 * scale}} for s in range(1, 5)]
     path.write_text("\n".join(json.dumps(x) for x in lines) + "\nnot json\n")
 
 
@@ -139,6 +141,20 @@ def test_e2e_summary(tmp_path):
     assert sec.summary["metrics"]["timing_s/step"]["n"] == 3
     assert sec.summary["sync_bytes_over_floor"] == pytest.approx(1e7)
     assert any("malformed" in n for n in sec.notes)
+
+
+def test_e2e_compare_side_by_side(tmp_path):
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    write_metrics(a)
+    write_metrics(b, scale=0.5)
+    sec = e2e.compare({"merged": a, "lora": b}, progress=None)
+    check_section(sec, "e2e-compare")
+    rows = {r[0]: r for r in sec.rows}
+    assert rows["timing_s/step"][1:] == [13.0, 6.5, "0.5"]
+    assert rows["training/rollout_probs_diff_mean"][3] == "0.5" and "tinylora/sync_bytes" in rows
+    assert sec.columns == ["metric", "merged (median)", "lora (median)", "lora / merged"]
+    with pytest.raises(SystemExit, match=r"--e2e-compare 'x' must be LABEL=PATH"):
+        run.main(["--only", "e2e", "--e2e-compare", "x", "--out", str(tmp_path / "r.md")])
 
 
 def test_main_writes_report(tmp_path):
