@@ -113,6 +113,9 @@ def headline(sections: dict[str, Section]) -> list[str]:
                     f"({'ours below' if c['ours_below_peft_tinylora'] else 'ours NOT below'})")
             if overhead.PROPOSED in r:
                 line += f", proposed hook {r[overhead.PROPOSED]:.3f}x"
+            if overhead.OURS_ACT in r:
+                line += (f", hook_dtype=activation {r[overhead.OURS_ACT]:.3f}x "
+                         f"({'met' if c['ours_activation_meets_goal'] else 'MISSED'})")
             out.append(line)
     inj = sections.get("injection")
     if inj:

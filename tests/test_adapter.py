@@ -154,6 +154,27 @@ def test_bf16_base_forward_and_backward(input_ids):
         torch.testing.assert_close(out.float(), ref(input_ids).logits, rtol=0.05, atol=0.05)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_activation_dtype_hook_matches_the_float32_hook(input_ids, dtype):
+    """hook_dtype='activation': same logits and v-gradients as the float32 hook up to the model dtype's rounding
+    (and bit-identical on a float32 model, where it does not apply)."""
+    results = []
+    for hook_dtype in ("float32", "activation"):
+        model = tiny_causal_lm(dtype=dtype)
+        adapter = inject_tinylora(model, TinyLoRAConfig(tie_size=3, hook_dtype=hook_dtype))
+        randomize_(adapter)
+        out = model(input_ids).logits
+        assert out.dtype == dtype
+        out.float().square().mean().backward()
+        results.append((out.detach().float(), torch.cat([p.grad for p in adapter.vectors])))
+    (out_ref, grad_ref), (out_act, grad_act) = results
+    if dtype == torch.float32:
+        assert torch.equal(out_act, out_ref) and torch.equal(grad_act, grad_ref)
+    else:
+        torch.testing.assert_close(out_act, out_ref, rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(grad_act, grad_ref, rtol=5e-2, atol=5e-3)
+
+
 def test_disable_adapter(tiny_qwen2, input_ids):
     base = copy.deepcopy(tiny_qwen2)
     adapter = inject_tinylora(tiny_qwen2, TinyLoRAConfig())

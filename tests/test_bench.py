@@ -51,8 +51,10 @@ def test_overhead_structure():
                        warmup=0, budget=BUDGET, full_ft=True, proposed=True, progress=None)
     check_section(sec, "overhead")
     names = {overhead.BASE, overhead.OURS, overhead.PEFT_TINY, overhead.PEFT_LORA, overhead.FULL_FT, overhead.PROPOSED}
-    assert len(sec.rows) == 2 * len(names) + 1  # the low-precision prototype runs in bf16 only
-    assert {r[2] for r in sec.rows} == names | {overhead.PROPOSED_LP}
+    assert len(sec.rows) == 2 * len(names) + 1  # hook_dtype=activation applies to bf16 only
+    assert {r[2] for r in sec.rows} == names | {overhead.OURS_ACT}
+    bf16 = [c for c in sec.summary["cases"] if c["dtype"] == "bfloat16"][0]
+    assert isinstance(bf16["ours_activation_meets_goal"], bool)
     for case in sec.summary["cases"]:
         assert case["trainable"][overhead.OURS] == case["trainable"][overhead.PEFT_TINY] == BUDGET
         assert case["trainable"][overhead.BASE] == 1

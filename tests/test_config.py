@@ -35,6 +35,7 @@ BAD = [
     ({"tie_mode": "random"}, r"`tie_mode` should be one of \['none', 'tiled', 'structured', 'full'\], but the value passed is 'random'"),
     ({"init": "uniform"}, r"`init` should be one of \['zeros', 'normal'\]"),
     ({"v_dtype": "float64"}, r"`v_dtype` should be one of \['float32', 'bfloat16', 'float16'\]"),
+    ({"hook_dtype": "bfloat16"}, r"`hook_dtype` should be one of \['float32', 'activation'\], but the value passed is 'bfloat16'"),
     ({"target_modules": []}, r"`target_modules` should be a non-empty list"),
     ({"target_modules": ["q_proj", ""]}, r"`target_modules` should be a non-empty list"),
     ({"init_std": 0.0}, r"`init_std` should be a positive number"),

@@ -123,12 +123,22 @@ class TinyLoRAAdapter(nn.Module):
     def _make_hook(self, name: str):
         group = self._group_index[name]
 
+        in_activation_dtype = self.config.hook_dtype == "activation"
+
         def hook(module: nn.Linear, args, output):
+            """``output + x V (Σ M)ᵀ Uᵀ``, i.e. ``x (W + ΔW)ᵀ`` with ``ΔW = U Σ M Vᵀ``, ``M = Σᵢ vᵢ Pᵢ``."""
             if not self.enabled:
                 return output
             x = args[0]
             M = mix(self.vectors[group], module.tinylora_P)  # (r, r)
             SM = module.tinylora_S[:, None] * M  # (r, r)
+            if in_activation_dtype and output.dtype != torch.float32:
+                # The thin products in bf16/fp16 (float32 accumulation inside the GEMMs) and the residual add
+                # fused into the last one: no float32 copy of x or of the (tokens, out) update.
+                dt = output.dtype
+                h = (x.reshape(-1, x.shape[-1]) @ module.tinylora_V.to(dt)) @ SM.T.to(dt)  # (tokens, r)
+                out2d = output.reshape(-1, output.shape[-1])  # (tokens, out)
+                return torch.addmm(out2d, h, module.tinylora_U.T.to(dt)).view(output.shape)
             delta = (x.to(torch.float32) @ module.tinylora_V) @ SM.T @ module.tinylora_U.T  # (..., out)
             return output + delta.to(output.dtype)
 
