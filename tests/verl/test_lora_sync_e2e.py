@@ -9,7 +9,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 # v starts from a seeded N(0, 0.1²) (the same in both modes), so the first rollout already serves a real ΔW.
 OVERRIDES = ["actor_rollout_ref.rollout.seed=0", "data.seed=0", "trainer.save_freq=-1",
-             "actor_rollout_ref.model.lora.tinylora.init=normal", "actor_rollout_ref.model.lora.tinylora.init_std=0.1"]
+             "actor_rollout_ref.model.lora.tinylora.init=normal", "+actor_rollout_ref.model.lora.tinylora.init_std=0.1"]
 MISMATCH = ("training/rollout_probs_diff_mean", "rollout_corr/k3_kl", "rollout_corr/log_ppl_abs_diff")
 
 
