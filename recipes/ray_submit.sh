@@ -20,10 +20,12 @@ case "$NNODES$GPUS_PER_NODE" in
   *[!0-9]*) echo "NNODES=$NNODES and GPUS_PER_NODE=$GPUS_PER_NODE must be positive integers" >&2; exit 2 ;;
 esac
 
+# Ray shell-quotes every entrypoint word, so the preflight-then-run chain is one `bash -c` line whose words
+# are quoted here (printf %q).
+CHECK=$(printf '%q ' "$PY" -m tinylora_verl.verl.cluster check --nodes "$NNODES")
+RUN=$(printf '%q ' "$PY" -m verl.trainer.main_ppo +recipe="$RECIPE" trainer.nnodes="$NNODES" \
+  trainer.n_gpus_per_node="$GPUS_PER_NODE" "$@")
+
 set -x
-# Ray joins the entrypoint arguments into one shell command, so "&&" chains the preflight and the run.
 "$RAY" job submit --address "$RAY_ADDRESS" --runtime-env "$RUNTIME_ENV" \
-  ${SUBMISSION_ID:+--submission-id "$SUBMISSION_ID"} -- \
-  "$PY" -m tinylora_verl.verl.cluster check --nodes "$NNODES" "&&" \
-  "$PY" -m verl.trainer.main_ppo +recipe="$RECIPE" trainer.nnodes="$NNODES" \
-  trainer.n_gpus_per_node="$GPUS_PER_NODE" "$@"
+  ${SUBMISSION_ID:+--submission-id "$SUBMISSION_ID"} -- bash -c "$CHECK&& $RUN"

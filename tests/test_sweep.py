@@ -53,15 +53,18 @@ def test_bad_arguments(argv, msg, capsys):
 def test_ray_command_quotes_words_and_chains_the_preflight():
     run = SweepRun(13, 1e-4, 0)
     cmd = sweep.ray_submit_command("ray", "http://head:8265", {"env_vars": {"A": "1"}}, "python3", 2, run,
-                                   sweep.train_args("tinylora_gsm8k", run, Path("/shared/sweep"), ["trainer.nnodes=2"]))
-    entry = cmd[cmd.index("--") + 1:]
-    # What Ray runs: its CLI joins the words with spaces and hands the line to a shell.
-    line = subprocess.list2cmdline(entry)
-    assert line.startswith("python3 -m tinylora_verl.verl.cluster check --nodes 2 && python3 -m verl.trainer.main_ppo")
-    assert "'trainer.logger=[console,file]'" in line and shlex.split(line)[-2] == "trainer.logger=[console,file]"
+                                   sweep.train_args("tinylora_gsm8k", run, Path("/shared/sweep"),
+                                                    ["trainer.nnodes=2", "data.x='a b'"]))
+    # What the job runs: Ray shell-quotes each word after "--" (shlex.join) and hands the line to a shell.
+    line = shlex.join(cmd[cmd.index("--") + 1:])
+    argv = shlex.split(line)
+    assert argv[:2] == ["bash", "-c"]
+    check, train = argv[2].split(" && ")
+    assert shlex.split(check) == ["python3", "-m", "tinylora_verl.verl.cluster", "check", "--nodes", "2"]
+    words = shlex.split(train)
+    assert words[:3] == ["python3", "-m", "verl.trainer.main_ppo"]
+    assert "trainer.logger=[console,file]" in words and words[-1] == "data.x='a b'"
     assert json.loads(cmd[cmd.index("--runtime-env-json") + 1]) == {"env_vars": {"A": "1"}}
-    with pytest.raises(ValueError, match=r"cannot contain whitespace; got \['data.x=a b'\]"):
-        sweep.ray_submit_command("ray", "a", {}, "python3", 1, run, ["data.x=a b"])
 
 
 def test_runtime_env_gets_the_metrics_path(tmp_path):

@@ -75,17 +75,12 @@ def ray_submit_command(ray: str, address: str, runtime_env: dict, python: str, n
                        args: Sequence[str]) -> list[str]:
     """A blocking ``ray job submit``: the node preflight, then ``main_ppo``.
 
-    Ray joins the entrypoint words with spaces into one shell line, so each word is shell-quoted here (``[a,b]``
-    would otherwise glob) and a word with whitespace is refused: Ray would wrap it in double quotes around the
-    single ones."""
-    words = [python, "-m", "tinylora_verl.verl.cluster", "check", "--nodes", str(nnodes)]
-    words2 = [python, "-m", "verl.trainer.main_ppo", *args]
-    spaced = [w for w in words + words2 if any(c.isspace() for c in w)]
-    if spaced:
-        raise ValueError(f"a Ray job entrypoint word cannot contain whitespace; got {spaced}")
+    Ray shell-quotes each entrypoint word (``shlex.join``), so a chain must be one ``bash -c`` line, its words
+    quoted here."""
+    check = shlex.join([python, "-m", "tinylora_verl.verl.cluster", "check", "--nodes", str(nnodes)])
+    train = shlex.join([python, "-m", "verl.trainer.main_ppo", *args])
     return [ray, "job", "submit", "--address", address, "--submission-id", f"tinylora-sweep-{run.name}-{int(time.time())}",
-            "--runtime-env-json", json.dumps(runtime_env), "--",
-            *map(shlex.quote, words), "&&", *map(shlex.quote, words2)]
+            "--runtime-env-json", json.dumps(runtime_env), "--", "bash", "-c", f"{check} && {train}"]
 
 
 def metrics_path(out: Path, run: SweepRun) -> Path:
