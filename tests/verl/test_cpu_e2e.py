@@ -75,5 +75,5 @@ def test_resume_runs_step_3_from_the_checkpoint(runs):
     saved, _ = read_adapter(str(first.run_dir / "global_step_2" / "actor" / "tinylora_adapter.safetensors"))
     # The resumed run's first sync (before step 3's rollout) must carry the checkpoint's v (bit-exact restore is tested in test_engine).
     shown = [round(x, 6) for x in saved.reshape(-1).tolist()]
-    syncs = [line for line in second.log_text().splitlines() if "[tinylora] sync:" in line]
+    syncs = [line for line in second.log_text().splitlines() if "[tinylora] merged sync:" in line]
     assert syncs and f"v={shown}" in syncs[0], (shown, syncs[:1])

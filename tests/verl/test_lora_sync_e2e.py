@@ -1,5 +1,8 @@
-"""sync_mode=lora end to end on CPU: vLLM serves base + exact LoRA, and the trainer/vLLM mismatch drops below the
-bf16 merge's on the same adapter, prompts and seeds."""
+"""sync_mode=lora end to end on CPU: vLLM serves base + exact LoRA, on the same seeded adapter, prompts and seeds
+as a merged run, and both modes' trainer/vLLM mismatch is measured.
+
+At |v| ~ 0.1 with vLLM in bf16 the two modes' mismatch differ by less than run-to-run noise (two runs here:
+probs_diff_mean -7% and +4% for lora), so this test does not claim a drop; issue 7 keeps that open."""
 
 import pytest
 
@@ -35,9 +38,11 @@ def test_lora_sync_serves_the_adapter_through_vllms_lora(runs):
     assert abs(lora["actor/tinylora/merge_fidelity"] - 1) < 1e-2
 
 
-def test_mismatch_drops_below_the_merged_modes(runs):
+def test_mismatch_is_small_in_both_modes(runs):
     lora, merged = runs["lora"].metrics[0], runs["merged"].metrics[0]
     for key in MISMATCH:
         print(f"{key}: merged {merged[key]:.5f}  lora {lora[key]:.5f}")
-    assert lora["training/rollout_probs_diff_mean"] < merged["training/rollout_probs_diff_mean"]
-    assert lora["rollout_corr/k3_kl"] < merged["rollout_corr/k3_kl"]
+    # Same order as the merged mode's (and as the CPU recipe's v = 0 steps, ~1e-3 k3 KL): the LoRA vLLM serves
+    # is the trainer's adapter, not something else.
+    for run in (lora, merged):
+        assert run["rollout_corr/k3_kl"] < 1e-2 and run["training/rollout_probs_diff_mean"] < 2e-2
