@@ -89,18 +89,11 @@ def metrics_path(out: Path, run: SweepRun) -> Path:
 
 def read_metric(path: Path, metric: str) -> tuple[Optional[float], Optional[float]]:
     """``(step-0 value, last value)`` of ``metric`` in a verl file-logger JSONL (None where not logged)."""
-    if not path.is_file():
-        return None, None
-    first = last = None
-    for line in path.read_text().splitlines():
-        if not line.strip():
-            continue
-        row = json.loads(line)
-        if metric in row["data"]:
-            last = float(row["data"][metric])
-            if row["step"] == 0:
-                first = last
-    return first, last
+    from .demo import read_metrics
+
+    rows = [r for r in read_metrics(path) if metric in r]
+    first = next((float(r[metric]) for r in rows if r["step"] == 0), None)
+    return first, (float(rows[-1][metric]) if rows else None)
 
 
 def collect(out: Path, grid: Sequence[SweepRun], metric: str = GSM8K_VAL_ACC) -> list[dict]:
