@@ -36,7 +36,7 @@ demo: setup
 	$(PY) -m tinylora_verl.demo --steps $(DEMO_STEPS) --out outputs/demo
 
 bench: setup
-	$(PY) -m bench.run
+	$(PY) -m bench.run --e2e-run outputs/bench_e2e
 
 clean-venv:
 	rm -rf $(VENV)

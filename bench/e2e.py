@@ -21,7 +21,7 @@ KEYS = ("tinylora/sync_bytes", "tinylora/sync_seconds", "tinylora/merge_fidelity
 # Side by side across runs (compare): phases of a step, sync, the actor's memory, the trainer/rollout mismatch.
 COMPARE_KEYS = ("timing_s/gen", "timing_s/old_log_prob", "timing_s/update_actor", "timing_s/update_weights",
                 "timing_s/step", "tinylora/sync_bytes", "tinylora/sync_seconds", "tinylora/merge_fidelity",
-                "perf/cpu_memory_used_gb", "training/rollout_probs_diff_mean", "rollout_corr/k3_kl", "critic/score/mean")
+                "perf/peak_rss_gb", "perf/cpu_memory_used_gb", "training/rollout_probs_diff_mean", "rollout_corr/k3_kl", "critic/score/mean")
 
 
 def read_metrics(path: str | Path, keys: tuple[str, ...] = KEYS) -> dict[str, list[tuple[int, float]]]:
@@ -121,3 +121,35 @@ def compare(runs: dict[str, str | Path], skip_first: int = 1, floor_bytes: int =
     summary = {"runs": {lb: str(p) for lb, p in runs.items()}, "medians": medians, "floor_bytes": floor_bytes}
     return Section("e2e-compare", "End-to-end step on CPU, side by side", cols, rows, notes, summary,
                    time.perf_counter() - start)
+
+
+# (label, recipe): the same CPU model, data, batch sizes and rollout; only the adapter and its sync differ.
+RECIPES = (("TinyLoRA merged", "tinylora_gsm8k_cpu"), ("TinyLoRA lora sync", "tinylora_gsm8k_cpu_lora"),
+           ("verl LoRA r=8", "tinylora_gsm8k_cpu_verl_lora"))
+# Paired seeds, no checkpoints: the runs time steps, they do not keep them.
+RUN_OVERRIDES = ("actor_rollout_ref.rollout.seed=0", "data.seed=0", "trainer.save_freq=-1")
+
+
+def run_recipes(out_dir: str | Path, steps: int = 3, recipes=RECIPES, timeout: float = 3600,
+                progress: Optional[Callable[[str], None]] = log) -> dict[str, Path]:
+    """Run each recipe for ``steps`` GRPO steps into ``out_dir/<recipe>`` one after another (two CPU stacks at
+    once do not fit in memory), reusing a run whose metrics already hold ``steps`` steps; ``{label: JSONL}``."""
+    from tinylora_verl.demo import run_cpu_recipe
+    from tinylora_verl.demo import read_metrics as read_rows
+
+    progress = progress or (lambda s: None)
+    paths = {}
+    for label, recipe in recipes:
+        run_dir = Path(out_dir) / recipe
+        metrics = run_dir / "metrics.jsonl"
+        have = len(read_rows(metrics))
+        if have >= steps:
+            progress(f"e2e: {label}: reusing {metrics} ({have} steps)")
+        else:
+            progress(f"e2e: {label}: {steps} steps of +recipe={recipe} into {run_dir} (log: {run_dir / 'main_ppo.log'})")
+            res = run_cpu_recipe(run_dir, steps, recipe, overrides=RUN_OVERRIDES, timeout=timeout, echo=True)
+            if res.returncode != 0:
+                tail = "\n".join(res.log_text().splitlines()[-20:])
+                raise RuntimeError(f"e2e: +recipe={recipe} failed (exit {res.returncode}); end of its log:\n{tail}")
+        paths[label] = metrics
+    return paths

@@ -24,9 +24,9 @@ from torch import nn
 
 from .common import Section, interleaved_times, log, median, paired_ratios
 
-BASE, OURS, PEFT_TINY, PEFT_LORA, FULL_FT, PROPOSED, OURS_ACT = (
+BASE, OURS, PEFT_TINY, PEFT_LORA, FULL_FT, AUTOGRAD, OURS_ACT = (
     "base (frozen, grad to inputs)", "TinyLoRA (ours)", "peft TinyLoRA", "peft LoRA r=1", "full FT",
-    "TinyLoRA, proposed hook (exact)", "TinyLoRA (ours, hook_dtype=activation)",
+    "TinyLoRA, plain-autograd hook (before)", "TinyLoRA (ours, hook_dtype=activation)",
 )
 
 
@@ -36,7 +36,7 @@ def _freeze(model: nn.Module) -> None:
 
 
 def build_variants(factory: Callable[[torch.dtype], nn.Module], dtype: torch.dtype, budget: int,
-                   full_ft: bool = False, proposed: bool = False) -> dict[str, tuple[nn.Module, list[nn.Parameter]]]:
+                   full_ft: bool = False, before: bool = False) -> dict[str, tuple[nn.Module, list[nn.Parameter]]]:
     """``{name: (model, trainable params)}``, each on a fresh copy of the model from ``factory``."""
     from peft import LoraConfig, TinyLoraConfig, get_peft_model
 
@@ -57,13 +57,13 @@ def build_variants(factory: Callable[[torch.dtype], nn.Module], dtype: torch.dty
     adapter = inject_tinylora(m, TinyLoRAConfig(budget=budget))
     out[OURS] = (m, list(adapter.vectors))
 
-    if proposed:
-        from .proposed_hook import install
+    if before:
+        from .autograd_hook import install
 
         m = factory(dtype)
         adapter2 = inject_tinylora(m, TinyLoRAConfig(budget=budget))
         install(adapter2)
-        out[PROPOSED] = (m, list(adapter2.vectors))
+        out[AUTOGRAD] = (m, list(adapter2.vectors))
     if dtype != torch.float32:
         # The package's fix for low-precision models (the prototype's low_precision path, now a config option).
         m = factory(dtype)
@@ -113,7 +113,7 @@ def saved_activation_bytes(model: nn.Module, ids: torch.Tensor) -> int:
 
 def run(factory: Callable[[torch.dtype], nn.Module], dtypes: Sequence[torch.dtype] = (torch.float32, torch.bfloat16),
         batches: Sequence[int] = (1,), seq_len: int = 256, repeats: int = 5, warmup: int = 1, budget: int = 13,
-        full_ft: bool = False, proposed: bool = False, goal: float = 1.05, seed: int = 0,
+        full_ft: bool = False, before: bool = False, goal: float = 1.05, seed: int = 0,
         progress: Optional[Callable[[str], None]] = log) -> Section:
     """Time forward+backward (``labels = input_ids`` loss) of every variant for each dtype and batch size."""
     start = time.perf_counter()
@@ -122,7 +122,7 @@ def run(factory: Callable[[torch.dtype], nn.Module], dtypes: Sequence[torch.dtyp
     for dtype in dtypes:
         dname = str(dtype).replace("torch.", "")
         progress(f"overhead: building variants in {dname}")
-        variants = build_variants(factory, dtype, budget, full_ft=full_ft, proposed=proposed)
+        variants = build_variants(factory, dtype, budget, full_ft=full_ft, before=before)
         vocab = variants[BASE][0].config.vocab_size
         for batch in batches:
             gen = torch.Generator().manual_seed(seed + batch)
@@ -182,7 +182,8 @@ def run(factory: Callable[[torch.dtype], nn.Module], dtypes: Sequence[torch.dtyp
         "round-robin with a rotated order, so each round's ratio compares runs seconds apart).",
         "CPU s / CPU ratio = process CPU time (all threads) and its paired ratio: on a loaded machine it counts "
         "work done rather than time spent descheduled (with >1 thread it also counts OpenMP spin-waits).",
-        "proposed hook (exact): prototype in bench/proposed_hook.py, same float32 adapter math with fewer ops. "
+        "plain-autograd hook (before): bench/autograd_hook.py, the hook the package had before "
+        "tinylora_verl/ops.py (same math, one autograd node per op, out-of-place add, x V per module). "
         "hook_dtype=activation: the package option that runs the adapter math in the model's dtype (bf16/fp16 "
         "only), the fix for the bf16 overhead.",
         "saved MB = activations autograd keeps for backward (parameters and buffers excluded).",

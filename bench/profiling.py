@@ -2,7 +2,8 @@
 
 Both variants run the same input under ``torch.profiler``; per ATen op the call counts and self CPU times are
 aggregated and differenced (adapter − base). Call counts are deterministic; times are as noisy as the machine.
-The prototype hook of :mod:`bench.proposed_hook` is profiled the same way when asked, to show what it removes.
+The plain-autograd hook of :mod:`bench.autograd_hook` (the package's hook before ``ops.py``) is profiled the same
+way when asked, to show what the hand-written backward removes.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 from .common import Section, log
-from .overhead import BASE, OURS, PROPOSED, _loss, build_variants
+from .overhead import AUTOGRAD, BASE, OURS, _loss, build_variants
 
 
 def op_table(model: nn.Module, ids: torch.Tensor, rounds: int = 2) -> dict[str, tuple[int, float]]:
@@ -31,22 +32,22 @@ def op_table(model: nn.Module, ids: torch.Tensor, rounds: int = 2) -> dict[str, 
 
 
 def run(factory: Callable[[torch.dtype], nn.Module], dtype: torch.dtype = torch.float32, batch: int = 1,
-        seq_len: int = 256, budget: int = 13, rounds: int = 2, top: int = 15, proposed: bool = True,
+        seq_len: int = 256, budget: int = 13, rounds: int = 2, top: int = 15, before: bool = True,
         seed: int = 0, progress: Optional[Callable[[str], None]] = log) -> Section:
     start = time.perf_counter()
     progress = progress or (lambda s: None)
     dname = str(dtype).replace("torch.", "")
-    progress(f"profile: building base/ours{'/proposed' if proposed else ''} in {dname}")
-    variants = build_variants(factory, dtype, budget, proposed=proposed)
+    progress(f"profile: building base/ours{'/before' if before else ''} in {dname}")
+    variants = build_variants(factory, dtype, budget, before=before)
     vocab = variants[BASE][0].config.vocab_size
     ids = torch.randint(0, vocab, (batch, seq_len), generator=torch.Generator().manual_seed(seed))
-    names = [BASE, OURS] + ([PROPOSED] if proposed else [])
+    names = [BASE, OURS] + ([AUTOGRAD] if before else [])
     tables = {}
     for k in names:
         progress(f"profile: {k}")
         tables[k] = op_table(variants[k][0], ids, rounds)
     base, ours = tables[BASE], tables[OURS]
-    prop = tables.get(PROPOSED, {})
+    prop = tables.get(AUTOGRAD, {})
     ops = set(base) | set(ours) | set(prop)
 
     def get(t, op):
@@ -57,7 +58,7 @@ def run(factory: Callable[[torch.dtype], nn.Module], dtype: torch.dtype = torch.
     for op in diffs[:top]:
         row = [f"`{op}`", get(base, op)[0], get(ours, op)[0], get(base, op)[1], get(ours, op)[1],
                get(ours, op)[1] - get(base, op)[1]]
-        if proposed:
+        if before:
             row += [get(prop, op)[0], get(prop, op)[1] - get(base, op)[1]]
         rows.append(row)
     total = {k: sum(ms for _, ms in t.values()) for k, t in tables.items()}
@@ -70,13 +71,13 @@ def run(factory: Callable[[torch.dtype], nn.Module], dtype: torch.dtype = torch.
         + ", ".join(f"{k}: {total[k]:.1f} ms in {calls[k]} op calls" for k in names) + ".",
         f"TinyLoRA adds {calls[OURS] - calls[BASE]} op calls per step over {n} adapted modules "
         f"(≈{(calls[OURS] - calls[BASE]) / max(n, 1):.1f} per module, forward and backward)"
-        + (f"; the proposed hook adds {calls[PROPOSED] - calls[BASE]} "
-           f"(≈{(calls[PROPOSED] - calls[BASE]) / max(n, 1):.1f} per module)." if proposed else "."),
+        + (f"; the plain-autograd hook (before) added {calls[AUTOGRAD] - calls[BASE]} "
+           f"(≈{(calls[AUTOGRAD] - calls[BASE]) / max(n, 1):.1f} per module)." if before else "."),
         "rows: the ops whose self time grows most from base to ours (Δ = ours − base, per step).",
     ]
     cols = ["op", "calls base", "calls ours", "ms base", "ms ours", "Δms ours"]
-    if proposed:
-        cols += ["calls proposed", "Δms proposed"]
+    if before:
+        cols += ["calls before", "Δms before"]
     del variants
     return Section("profile", f"Profile of the TinyLoRA hook ({dname})", cols, rows, notes, summary,
                    time.perf_counter() - start)

@@ -2,8 +2,9 @@
 
 Sections: adapter overhead (forward+backward vs the frozen base, ours vs peft TinyLoRA and LoRA), injection time
 (top_r_svd vs full_svd on SmolLM2 and on Qwen2.5-7B-shaped weights), merge fidelity (bf16/fp16/fp32 by |v|),
-a profile of the hook when the overhead misses its goal, and optionally a verl metrics JSONL
-(``--e2e-metrics``). ``--fast`` shrinks every benchmark to a few minutes (one batch size, 3 timed rounds, one
+a profile of the hook when the overhead misses its goal, and end to end on CPU (``--e2e-run DIR``: TinyLoRA
+with merged and lora sync beside verl's own LoRA r=8, phase by phase; ``make bench`` passes it) or from existing
+verl metrics JSONLs (``--e2e-metrics``, ``--e2e-compare``). ``--fast`` shrinks every benchmark to a few minutes (one batch size, 3 timed rounds, one
 7B-shaped layer extrapolated to 28).
 """
 
@@ -48,12 +49,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--batches", default=None, help="comma-separated batch sizes (fast 1, full 1,2)")
     p.add_argument("--qwen-layers", type=int, default=None,
-                   help="7B-shaped layers actually built, extrapolated to 28 (fast 1, full 28)")
+                   help="7B-shaped layers actually built, extrapolated to 28 (fast 1, full 3)")
     p.add_argument("--profile", choices=("auto", "always", "never"), default="auto",
                    help="profile the hook: auto = when TinyLoRA's overhead misses the 1.05x goal")
     p.add_argument("--e2e-metrics", default=None, help="verl file-logger JSONL to summarize")
     p.add_argument("--e2e-compare", action="append", default=[], metavar="LABEL=JSONL",
                    help="verl metrics of runs to put side by side (repeat; the first is the reference)")
+    p.add_argument("--e2e-run", default=None, metavar="DIR",
+                   help="run TinyLoRA (merged and lora sync) and verl's LoRA r=8 on the CPU recipe into DIR, one "
+                        "after another (runs already complete there are reused), and compare them")
+    p.add_argument("--e2e-steps", type=int, default=3, help="GRPO steps per --e2e-run run (default: %(default)s)")
     p.add_argument("--e2e-floor-bytes", type=int, default=26, help="physical floor of one sync (13 bf16 = 26 B)")
     return p.parse_args(argv)
 
@@ -111,8 +116,8 @@ def headline(sections: dict[str, Section]) -> list[str]:
                     f"(goal ≤ {ov.summary['goal']}: {'met' if c['ours_meets_goal'] else 'MISSED'}), "
                     f"peft TinyLoRA {pr:.3f}x [CPU {cr[overhead.PEFT_TINY]:.3f}x] "
                     f"({'ours below' if c['ours_below_peft_tinylora'] else 'ours NOT below'})")
-            if overhead.PROPOSED in r:
-                line += f", proposed hook {r[overhead.PROPOSED]:.3f}x"
+            if overhead.AUTOGRAD in r:
+                line += f", plain-autograd hook (before) {r[overhead.AUTOGRAD]:.3f}x"
             if overhead.OURS_ACT in r:
                 line += (f", hook_dtype=activation {r[overhead.OURS_ACT]:.3f}x "
                          f"({'met' if c['ours_activation_meets_goal'] else 'MISSED'})")
@@ -161,8 +166,10 @@ def main(argv=None) -> int:
     unknown = only - set(SECTIONS)
     if unknown:
         raise SystemExit(f"--only: unknown sections {sorted(unknown)}; choose among {list(SECTIONS)}")
-    if args.e2e_metrics or args.e2e_compare:
+    if args.e2e_metrics or args.e2e_compare or args.e2e_run:
         only.add("e2e")
+    if args.e2e_steps < 2:
+        raise SystemExit(f"--e2e-steps must be >= 2 (the first step is warm-up and left out), got {args.e2e_steps}")
     compare_runs = {}
     for item in args.e2e_compare:
         label, sep, path = item.partition("=")
@@ -173,7 +180,9 @@ def main(argv=None) -> int:
     repeats = args.repeats or (3 if fast else 15)
     warmup = args.warmup if args.warmup is not None else (1 if fast else 2)
     batches = tuple(int(b) for b in args.batches.split(",")) if args.batches else ((1,) if fast else (1, 2))
-    qwen_layers = args.qwen_layers or (1 if fast else injection.QWEN7B_LAYERS)
+    # Full SVDs of 7B-shaped layers take ~100 s each here: 3 measured layers, extrapolated to 28, keep `make bench`
+    # under an hour (every layer has the same shapes and spectrum model; --qwen-layers 28 measures them all).
+    qwen_layers = args.qwen_layers or (1 if fast else 3)
     info = machine_info() | {f"{k} version": v for k, v in package_versions().items()}
     log(f"start ({'fast' if fast else 'full'} mode): {command}")
     load, cores = machine_load()
@@ -189,7 +198,7 @@ def main(argv=None) -> int:
     if "overhead" in only:
         sections["overhead"] = overhead.run(
             factory, batches=batches, seq_len=args.seq_len, repeats=repeats, warmup=warmup, budget=args.budget,
-            full_ft=not fast, proposed=True)
+            full_ft=not fast, before=True)
     if "injection" in only:
         sections["injection"] = injection.run(
             real_modules=smollm2_modules(factory), synth_shapes=injection.QWEN7B_SHAPES,
@@ -197,7 +206,8 @@ def main(argv=None) -> int:
             inject=timed_inject(factory, args.budget))
     if "fidelity" in only:
         values = fidelity.VALUES if fast else (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
-        sections["fidelity"] = fidelity.run(factory(torch.bfloat16), budget=args.budget, values=values)
+        sections["fidelity"] = fidelity.run(factory(torch.bfloat16), budget=args.budget, values=values,
+                                            logprob_models=(factory(torch.float32), factory(torch.float32)))
     if "profile" in only and args.profile != "never":
         ov = sections.get("overhead")
         missed = [c["dtype"] for c in ov.summary["cases"] if not c["ours_meets_goal"]] if ov else []
@@ -209,8 +219,10 @@ def main(argv=None) -> int:
         if not dtypes:
             log("profile: skipped (overhead goal met, or no overhead section; --profile always forces it)")
     if "e2e" in only:
+        if args.e2e_run:
+            compare_runs = {**e2e.run_recipes(args.e2e_run, steps=args.e2e_steps), **compare_runs}
         if not (args.e2e_metrics or compare_runs):
-            log("e2e: skipped (no --e2e-metrics PATH or --e2e-compare LABEL=PATH)")
+            log("e2e: skipped (no --e2e-run DIR, --e2e-metrics PATH or --e2e-compare LABEL=PATH)")
         if args.e2e_metrics:
             sections["e2e"] = e2e.run(args.e2e_metrics, floor_bytes=args.e2e_floor_bytes)
         if compare_runs:

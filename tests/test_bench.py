@@ -7,7 +7,7 @@ import torch
 
 from bench import e2e, fidelity, injection, overhead, profiling, run
 from bench.common import Section, interleaved_times, paired_ratios
-from bench.proposed_hook import install
+from bench.autograd_hook import install
 from tests.conftest import tiny_causal_lm
 from tinylora_verl import TinyLoRAConfig, inject_tinylora
 
@@ -48,9 +48,9 @@ def test_interleaved_times_and_paired_ratios():
 
 def test_overhead_structure():
     sec = overhead.run(factory, dtypes=(torch.float32, torch.bfloat16), batches=(1,), seq_len=8, repeats=1,
-                       warmup=0, budget=BUDGET, full_ft=True, proposed=True, progress=None)
+                       warmup=0, budget=BUDGET, full_ft=True, before=True, progress=None)
     check_section(sec, "overhead")
-    names = {overhead.BASE, overhead.OURS, overhead.PEFT_TINY, overhead.PEFT_LORA, overhead.FULL_FT, overhead.PROPOSED}
+    names = {overhead.BASE, overhead.OURS, overhead.PEFT_TINY, overhead.PEFT_LORA, overhead.FULL_FT, overhead.AUTOGRAD}
     assert len(sec.rows) == 2 * len(names) + 1  # hook_dtype=activation applies to bf16 only
     assert {r[2] for r in sec.rows} == names | {overhead.OURS_ACT}
     bf16 = [c for c in sec.summary["cases"] if c["dtype"] == "bfloat16"][0]
@@ -63,17 +63,18 @@ def test_overhead_structure():
         assert isinstance(case["ours_meets_goal"], bool) and isinstance(case["ours_below_peft_tinylora"], bool)
 
 
-@pytest.mark.parametrize("dtype, low_precision", [(torch.float32, False), (torch.bfloat16, False),
-                                                   (torch.bfloat16, True)])
-def test_proposed_hook_matches_package_hook(dtype, low_precision):
+@pytest.mark.parametrize("dtype, hook_dtype", [(torch.float32, "float32"), (torch.bfloat16, "float32"),
+                                               (torch.bfloat16, "activation")])
+def test_autograd_hook_matches_package_hook(dtype, hook_dtype):
+    """The package's hand-written backward (and shared x V) against the plain-autograd hook on a whole model."""
     ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
     outs, grads = [], []
-    for proposed in (False, True):
+    for plain in (False, True):
         model = factory(dtype)
-        adapter = inject_tinylora(model, TinyLoRAConfig(budget=BUDGET))
+        adapter = inject_tinylora(model, TinyLoRAConfig(budget=BUDGET, hook_dtype=hook_dtype))
         fidelity.set_vectors(adapter, 0.3, "random-sign", seed=2)
-        if proposed:
-            install(adapter, low_precision=low_precision)
+        if plain:
+            install(adapter)
         out = model(input_ids=ids).logits.float()
         out.square().mean().backward()
         outs.append(out.detach())
@@ -93,7 +94,7 @@ def test_injection_structure():
     def real():
         return ((n, n.rsplit(".", 1)[-1], m.weight.detach()) for n, m in mods.items())
 
-    shapes = {"q_proj": (520, 520), "down_proj": (520, 600)}  # > 512: the subspace-iteration path
+    shapes = {"q_proj": (520, 520), "down_proj": (520, 600)}  # > 32: the block Lanczos path
     sec = injection.run(real_modules=real, real_label="tiny", synth_shapes=shapes, synth_layers=(0,),
                         synth_total_layers=3, synth_label="synthetic", inject=lambda: 0.5, progress=None)
     check_section(sec, "injection")
@@ -116,6 +117,22 @@ def test_fidelity_structure():
     assert len(sec.rows) == 2 * 2 * 3
     fp32 = [c for c in sec.summary["cases"] if c["dtype"] == "float32"]
     assert all(abs(c["fidelity"] - 1) < 1e-3 for c in fp32)
+
+
+def test_logprob_mismatch_of_merged_and_lora_delivery():
+    """On bf16-exact base weights: fp32 delivery is exact either way; in bf16 the merge rounds W + ΔW against W,
+    while the LoRA only rounds the small factors, so its log-probs stay far closer to the exact adapter's."""
+    def bf16_exact():
+        return factory(torch.bfloat16).float()
+
+    sec = fidelity.run(bf16_exact(), budget=BUDGET, values=(1e-3, 3e-2), patterns=("random-sign",), label="tiny",
+                       logprob_models=(bf16_exact(), bf16_exact()), progress=None)
+    check_section(sec, "fidelity")
+    cases = {(c["value"], c["dtype"]): c for c in sec.summary["cases"]}
+    for value in (1e-3, 3e-2):
+        assert cases[(value, "float32")]["logp_merged"] < 1e-5 and cases[(value, "float32")]["logp_lora"] < 1e-5
+        bf16 = cases[(value, "bfloat16")]
+        assert bf16["logp_merged"] > 10 * bf16["logp_lora"], bf16
 
 
 def test_profile_structure():
@@ -168,3 +185,46 @@ def test_main_writes_report(tmp_path):
                  "## End-to-end metrics", "## Headline"):
         assert part in text
     assert "e2e" in json.loads(js.read_text())
+
+
+def write_clean(path):
+    write_metrics(path)
+    path.write_text(path.read_text().replace("not json\n", ""))
+
+
+class FakeRun:
+    def __init__(self, returncode):
+        self.returncode = returncode
+
+    def log_text(self):
+        return "line 1\nTraceback: boom"
+
+
+def test_e2e_run_recipes_runs_missing_and_reuses_complete(tmp_path, monkeypatch):
+    import tinylora_verl.demo as demo
+
+    calls = []
+
+    def fake(run_dir, steps, recipe, overrides, timeout, echo):
+        calls.append((recipe, steps, tuple(overrides)))
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_clean(run_dir / "metrics.jsonl")
+        return FakeRun(0)
+
+    monkeypatch.setattr(demo, "run_cpu_recipe", fake)
+    (tmp_path / "tinylora_gsm8k_cpu").mkdir()
+    write_clean(tmp_path / "tinylora_gsm8k_cpu" / "metrics.jsonl")  # 4 complete steps: reused
+    paths = e2e.run_recipes(tmp_path, steps=3, progress=None)
+    assert list(paths) == [label for label, _ in e2e.RECIPES]
+    assert [c[0] for c in calls] == ["tinylora_gsm8k_cpu_lora", "tinylora_gsm8k_cpu_verl_lora"]
+    assert all(c[1] == 3 and "data.seed=0" in c[2] for c in calls)
+    assert all(p.is_file() for p in paths.values())
+
+    monkeypatch.setattr(demo, "run_cpu_recipe", lambda *a, **k: FakeRun(1))
+    with pytest.raises(RuntimeError, match=r"\+recipe=tinylora_gsm8k_cpu failed \(exit 1\)[^$]*boom"):
+        e2e.run_recipes(tmp_path / "fresh", steps=2, progress=None)
+
+
+def test_e2e_steps_must_leave_a_step_after_warmup(tmp_path):
+    with pytest.raises(SystemExit, match=r"--e2e-steps must be >= 2 .*got 1"):
+        run.main(["--only", "e2e", "--e2e-run", str(tmp_path), "--e2e-steps", "1", "--out", str(tmp_path / "r.md")])

@@ -2,7 +2,9 @@
 
 The base model is never modified: each target ``nn.Linear`` gets non-persistent float32 buffers
 ``tinylora_U`` (out, r), ``tinylora_S`` (r,), ``tinylora_V`` (in, r), ``tinylora_P`` (u, r, r) and a forward
-hook that adds ``((x V)(Σ M)ᵀ Uᵀ)`` to the layer's output, with ``M = Σᵢ vᵢ Pᵢ``. Non-persistent buffers keep
+hook that adds ``((x V)(Σ M)ᵀ Uᵀ)`` to the layer's output in place, with ``M = Σᵢ vᵢ Pᵢ`` (the arithmetic and
+its hand-written backward are in :mod:`tinylora_verl.ops`; q/k/v and gate/up share one ``x V`` GEMM when they
+receive the same input tensor). Non-persistent buffers keep
 ``state_dict()`` names and contents exactly those of the base checkpoint, so every consumer of HF names (vLLM's
 loader, ``save_pretrained``) sees the original model. The trainable vectors live on the returned
 :class:`TinyLoRAAdapter`, outside the model tree, one ``nn.Parameter`` per tie group.
@@ -14,6 +16,7 @@ import contextlib
 import dataclasses
 import hashlib
 import time
+import weakref
 from typing import Iterable, Iterator, Optional
 
 import torch
@@ -21,6 +24,7 @@ from torch import nn
 
 from .config import SIGN_CONVENTION, TinyLoRAConfig
 from .factors import dense_delta, mix, projections, top_r_svd
+from .ops import add_low_rank_update, input_projection, shared_input_groups
 from .tying import TiePlan, build_tie_plan, canonical_order, plan_budget
 
 _BUFFERS = ("tinylora_U", "tinylora_S", "tinylora_V", "tinylora_P")
@@ -115,6 +119,8 @@ class TinyLoRAAdapter(nn.Module):
             vectors.append(nn.Parameter(v.to(device=device, dtype=dtype)))
         self.vectors = nn.ParameterList(vectors)
         self.enabled = True
+        self._siblings = {n: (tuple(g), i) for g in shared_input_groups(plan.module_names) for i, n in enumerate(g)}
+        self._shared_inputs: dict[str, tuple] = {}
         # Only a rank holding real weights can fingerprint them; verl saves adapters from rank 0, which does.
         self.fingerprint = "" if on_meta else weight_fingerprint(self._modules_by_name)
         self._hooks = [m.register_forward_hook(self._make_hook(n)) for n, m in self._modules_by_name.items()]
@@ -122,27 +128,40 @@ class TinyLoRAAdapter(nn.Module):
     # ------------------------------------------------------------------ forward
     def _make_hook(self, name: str):
         group = self._group_index[name]
-
         in_activation_dtype = self.config.hook_dtype == "activation"
+        siblings, position = self._siblings.get(name, ((name,), 0))
+        key = siblings[0]
 
         def hook(module: nn.Linear, args, output):
             """``output + x V (Σ M)ᵀ Uᵀ``, i.e. ``x (W + ΔW)ᵀ`` with ``ΔW = U Σ M Vᵀ``, ``M = Σᵢ vᵢ Pᵢ``."""
             if not self.enabled:
                 return output
             x = args[0]
-            M = mix(self.vectors[group], module.tinylora_P)  # (r, r)
-            SM = module.tinylora_S[:, None] * M  # (r, r)
-            if in_activation_dtype and output.dtype != torch.float32:
-                # The thin products in bf16/fp16 (float32 accumulation inside the GEMMs) and the residual add
-                # fused into the last one: no float32 copy of x or of the (tokens, out) update.
-                dt = output.dtype
-                h = (x.reshape(-1, x.shape[-1]) @ module.tinylora_V.to(dt)) @ SM.T.to(dt)  # (tokens, r)
-                out2d = output.reshape(-1, output.shape[-1])  # (tokens, out)
-                return torch.addmm(out2d, h, module.tinylora_U.T.to(dt)).view(output.shape)
-            delta = (x.to(torch.float32) @ module.tinylora_V) @ SM.T @ module.tinylora_U.T  # (..., out)
-            return output + delta.to(output.dtype)
+            # float32 by default; bf16/fp16 thin GEMMs (float32 accumulation inside) with hook_dtype=activation.
+            dt = output.dtype if in_activation_dtype and output.dtype != torch.float32 else torch.float32
+            r = module.tinylora_S.shape[0]
+            if len(siblings) == 1:
+                h = input_projection(x, module.tinylora_V.T.contiguous(), dt)  # (tokens, r)
+            else:
+                h = self._shared_projection(key, siblings, x, dt)[:, position * r:(position + 1) * r]  # (tokens, r)
+            return add_low_rank_update(output, h, self.vectors[group], module.tinylora_P, module.tinylora_S,
+                                       module.tinylora_U.T.contiguous())
 
         return hook
+
+    def _shared_projection(self, key: str, siblings: tuple[str, ...], x: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
+        """``x [V₁ … V_k]`` (tokens, k·r) for modules that read the same ``x``, computed by the first of them to
+        run and reused by the others. Identity of the input tensor, not names, decides reuse; the cache holds x
+        only weakly, so it never extends the lifetime of an activation."""
+        cached = self._shared_inputs.get(key)
+        if cached is None or cached[0]() is not x or cached[1].dtype != dt:
+            Vt = torch.cat([self._modules_by_name[n].tinylora_V.T for n in siblings], dim=0)  # (k·r, in)
+            cached = (weakref.ref(x), input_projection(x, Vt, dt), [len(siblings)])
+            self._shared_inputs[key] = cached
+        cached[2][0] -= 1
+        if cached[2][0] == 0:
+            del self._shared_inputs[key]
+        return cached[1]
 
     @contextlib.contextmanager
     def disable_adapter(self):

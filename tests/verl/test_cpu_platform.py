@@ -153,3 +153,23 @@ def test_lora_loader_alias_is_still_needed_and_applied():
         """
     )
     assert result == {"had": False, "verl_calls": True, "aliased": True, "again": False}, result
+
+
+def test_peft_base_sync_names_map_back_to_checkpoint_names():
+    """verl's PEFT base sync renames wrapped layers to ``.base_layer.`` (fsdp_utils.replace_lora_wrapper); the CPU
+    receiver's reload needs the checkpoint names back. Fails when verl changes the renaming."""
+    result = _run_activated(
+        """
+        import json
+        from peft import LoraConfig
+        from verl.utils.fsdp_utils import replace_lora_wrapper
+        from tinylora_verl.verl.cpu_rollout import base_layer_name
+        cfg = LoraConfig(r=8, target_modules=["q_proj", "down_proj"])
+        names = ["model.layers.0.self_attn.q_proj.weight", "model.layers.3.mlp.down_proj.weight",
+                 "model.layers.0.self_attn.q_proj.bias", "model.norm.weight", "model.embed_tokens.weight"]
+        sent = [replace_lora_wrapper(n, cfg) for n in names]
+        print(json.dumps({"sent": sent, "back": [base_layer_name(n) for n in sent], "names": names}))
+        """
+    )
+    assert result["sent"][0] == "model.layers.0.self_attn.q_proj.base_layer.weight", result
+    assert result["back"] == result["names"]

@@ -1,8 +1,11 @@
 """sync_mode=lora end to end on CPU: vLLM serves base + exact LoRA, on the same seeded adapter, prompts and seeds
-as a merged run, and both modes' trainer/vLLM mismatch is measured.
+as a merged run, and the trainer/vLLM mismatch drops below the merged mode's.
 
-At |v| ~ 0.1 with vLLM in bf16 the two modes' mismatch differ by less than run-to-run noise (two runs here:
-probs_diff_mean -7% and +4% for lora), so this test does not claim a drop; issue 7 keeps that open."""
+Both engines compute in float32 on SmolLM2's bf16-exact weights, so kernel and activation-precision noise is
+~1e-6 and what is left of the mismatch is the delivery of ΔW: merged sends ``bf16(W + ΔW)`` (the recipe's
+``sync_dtype``), lora sends the bf16 factors of ΔW alone. With both engines in bf16 (the CPU recipe as is) the
+compute noise is ~10x larger and the two modes measured the same (probs_diff_mean 0.0073 vs 0.0073; README).
+"""
 
 import pytest
 
@@ -11,8 +14,14 @@ from tinylora_verl.demo import run_cpu_recipe
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 # v starts from a seeded N(0, 0.1²) (the same in both modes), so the first rollout already serves a real ΔW.
+# float32 trainer (no autocast) and rollout; micro-batches of 2 keep float32 logits within this machine's memory.
 OVERRIDES = ["actor_rollout_ref.rollout.seed=0", "data.seed=0", "trainer.save_freq=-1",
-             "actor_rollout_ref.model.lora.tinylora.init=normal", "+actor_rollout_ref.model.lora.tinylora.init_std=0.1"]
+             "actor_rollout_ref.model.lora.tinylora.init=normal", "+actor_rollout_ref.model.lora.tinylora.init_std=0.1",
+             "actor_rollout_ref.actor.fsdp_config.model_dtype=fp32",
+             "+actor_rollout_ref.actor.fsdp_config.mixed_precision={param_dtype:fp32,reduce_dtype:fp32,buffer_dtype:fp32}",
+             "actor_rollout_ref.rollout.dtype=float32", "data.train_batch_size=4",
+             "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=2",
+             "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=2"]
 MISMATCH = ("training/rollout_probs_diff_mean", "rollout_corr/k3_kl", "rollout_corr/log_ppl_abs_diff")
 
 
@@ -21,7 +30,7 @@ def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("sync")
     results = {}
     for mode, recipe in (("merged", "tinylora_gsm8k_cpu"), ("lora", "tinylora_gsm8k_cpu_lora")):
-        res = run_cpu_recipe(out / mode, steps=1, recipe=recipe, overrides=OVERRIDES, timeout=900, echo=True)
+        res = run_cpu_recipe(out / mode, steps=1, recipe=recipe, overrides=OVERRIDES, timeout=1200, echo=True)
         assert res.returncode == 0, res.log_text()[-5000:]
         assert len(res.metrics) == 1
         results[mode] = res
@@ -38,11 +47,13 @@ def test_lora_sync_serves_the_adapter_through_vllms_lora(runs):
     assert abs(lora["actor/tinylora/merge_fidelity"] - 1) < 1e-2
 
 
-def test_mismatch_is_small_in_both_modes(runs):
+def test_mismatch_drops_below_the_merged_modes(runs):
     lora, merged = runs["lora"].metrics[0], runs["merged"].metrics[0]
     for key in MISMATCH:
-        print(f"{key}: merged {merged[key]:.5f}  lora {lora[key]:.5f}")
-    # Same order as the merged mode's (and as the CPU recipe's v = 0 steps, ~1e-3 k3 KL): the LoRA vLLM serves
-    # is the trainer's adapter, not something else.
-    for run in (lora, merged):
-        assert run["rollout_corr/k3_kl"] < 1e-2 and run["training/rollout_probs_diff_mean"] < 2e-2
+        print(f"{key}: merged {merged[key]:.3e}  lora {lora[key]:.3e}")
+    # Measured (8 prompts x 4 samples): probs_diff_mean 1.02e-3 -> 8.9e-5, k3 KL 4.6e-5 -> 3.1e-7.
+    assert lora["training/rollout_probs_diff_mean"] < 0.25 * merged["training/rollout_probs_diff_mean"]
+    assert lora["rollout_corr/k3_kl"] < 0.1 * merged["rollout_corr/k3_kl"]
+    assert lora["rollout_corr/log_ppl_abs_diff"] < 0.25 * merged["rollout_corr/log_ppl_abs_diff"]
+    # The merged mode's mismatch is real but small: what vLLM serves is still the trainer's adapter.
+    assert merged["rollout_corr/k3_kl"] < 1e-3

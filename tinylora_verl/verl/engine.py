@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
+import time
 from typing import Optional
 
 import torch
@@ -43,7 +45,8 @@ REF_IN_ACTOR_MARKER = "tinylora://actor-as-reference"
 class TinyLoRAFSDPEngine(FSDPEngineWithLMHead):
     """verl's ``FSDPEngineWithLMHead`` with a TinyLoRA adapter when ``model.lora.tinylora.enable`` is true.
 
-    With TinyLoRA disabled, or for forward-only engines (the reference policy), it is the stock engine.
+    With TinyLoRA disabled, or for forward-only engines (the reference policy), it is the stock engine, plus
+    the per-step sync cost and peak RSS (:meth:`sync_metrics`), so a verl LoRA baseline reports them too.
     """
 
     def __init__(self, model_config, engine_config, optimizer_config, checkpoint_config):
@@ -167,11 +170,21 @@ class TinyLoRAFSDPEngine(FSDPEngineWithLMHead):
         # Read before super(): the flag marks the step's last mini-batch, after which v is the step's v.
         last_mini_batch = tu.get(data, key="update_lr_scheduler", default=False)
         outputs = super().train_batch(data, loss_function)
-        if self.tinylora_enabled and last_mini_batch and self.is_mp_src_rank_with_outputs():
+        if last_mini_batch and self.is_mp_src_rank_with_outputs():
             # Reported once per step (verl averages a metric over mini-batches, which would blur v), as
             # one-element lists like verl's per-micro-batch metrics: the worker all-gathers and flattens them.
-            outputs["metrics"].update({k: [v] for k, v in self.tinylora_metrics().items()})
+            metrics = self.tinylora_metrics() if self.tinylora_enabled else self.sync_metrics()
+            outputs["metrics"].update({k: [v] for k, v in metrics.items()})
         return outputs
+
+    def sync_metrics(self) -> dict[str, float]:
+        """Measured for any actor, TinyLoRA or not (so a verl LoRA baseline compares): this process's peak RSS
+        (the trainer's memory; vLLM runs in its own processes) and the last sync's bytes and seconds."""
+        metrics = {"perf/peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}  # KiB on Linux
+        if self.tl_last_sync is not None:
+            metrics.update({"tinylora/sync_bytes": float(self.tl_last_sync.bytes),
+                            "tinylora/sync_seconds": self.tl_last_sync.seconds})
+        return metrics
 
     def tinylora_metrics(self) -> dict[str, float]:
         """v (each value when there are few), its norm, and the last sync's bytes, seconds and merge fidelity."""
@@ -179,12 +192,9 @@ class TinyLoRAFSDPEngine(FSDPEngineWithLMHead):
         metrics = {"tinylora/v_norm": v.norm().item(), "tinylora/v_abs_max": v.abs().max().item()}
         if v.numel() <= self.tl_options.log_v_max:
             metrics.update({f"tinylora/v_{i}": x for i, x in enumerate(v.tolist())})
+        metrics.update(self.sync_metrics())
         if self.tl_last_sync is not None:
-            metrics.update({
-                "tinylora/sync_bytes": float(self.tl_last_sync.bytes),
-                "tinylora/sync_seconds": self.tl_last_sync.seconds,
-                "tinylora/merge_fidelity": self.tl_last_sync.fidelity,
-            })
+            metrics["tinylora/merge_fidelity"] = self.tl_last_sync.fidelity
         return metrics
 
     # ------------------------------------------------------------------ weight sync
@@ -193,7 +203,12 @@ class TinyLoRAFSDPEngine(FSDPEngineWithLMHead):
             return self._lora_stream(layered_summon, base_sync_done, **kwargs)
         stream, peft_config = super().get_per_tensor_param(layered_summon=layered_summon, base_sync_done=base_sync_done, **kwargs)
         if not self.tinylora_enabled:
-            return stream, peft_config
+            if peft_config is not None and not base_sync_done:
+                # verl's PEFT path asks for the adapter first, then once for the base: count the per-step one.
+                return stream, peft_config
+            stats = MergeStats()
+            self.tl_last_sync = stats
+            return self._counted(stream, stats), peft_config
         stats = MergeStats()
         self.tl_last_sync = stats
         dtype = getattr(torch, self.tl_options.sync_dtype)
@@ -211,6 +226,16 @@ class TinyLoRAFSDPEngine(FSDPEngineWithLMHead):
         stats = MergeStats()
         self.tl_last_sync = stats
         return self._logged(self.tl_adapter.lora_named_tensors(dtype, stats=stats), stats), peft_config
+
+    @staticmethod
+    def _counted(stream, stats: MergeStats):
+        """Pass a stream through, counting its tensors, bytes and seconds (the baseline's sync cost)."""
+        start = time.perf_counter()
+        for name, tensor in stream:
+            stats.tensors += 1
+            stats.bytes += tensor.numel() * tensor.element_size()
+            yield name, tensor
+        stats.seconds = time.perf_counter() - start
 
     def _logged(self, stream, stats: MergeStats):
         yield from stream
