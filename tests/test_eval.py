@@ -379,10 +379,16 @@ def test_vllm_eval_base_merged_lora(smollm2_path, smollm2_adapter, tmp_path):
               for m in ("base", "merged", "lora")}
     differ = sum(a != b for a, b in zip(greedy["base"], greedy["merged"]))
     assert differ >= 6, greedy  # v ~ 0.5 moves the top singular directions a lot
-    # merged (bf16 weights) and lora (bf16 LoRA kernels) are two roundings of the same ΔW: same greedy text on most
+    # merged (bf16 weights) and lora (bf16 LoRA kernels) are two roundings of the same ΔW, so greedy text stays
+    # together for a while and may then part (whole-text equality was 2/8 to 6/8 across SVD round-off changes).
+    # Served the base instead, lora could never share more of merged's text than the base does.
+    def prefix(a, b):
+        return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+    closer = sum(prefix(m, lo) > prefix(m, b) for b, m, lo in zip(greedy["base"], greedy["merged"], greedy["lora"]))
     same = sum(a == b for a, b in zip(greedy["merged"], greedy["lora"]))
-    print(f"greedy base!=merged on {differ}/8, merged==lora on {same}/8")
-    assert same >= 4
+    print(f"greedy base!=merged on {differ}/8, merged==lora on {same}/8, lora closer to merged than base on {closer}/8")
+    assert closer >= 6
     assert (tmp_path / "summary.csv").is_file() and json.loads((tmp_path / "summary.json").read_text())["meta"]
 
 

@@ -151,8 +151,9 @@ class TinyLoRAAdapter(nn.Module):
 
     def _shared_projection(self, key: str, siblings: tuple[str, ...], x: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
         """``x [V₁ … V_k]`` (tokens, k·r) for modules that read the same ``x``, computed by the first of them to
-        run and reused by the others. Identity of the input tensor, not names, decides reuse; the cache holds x
-        only weakly, so it never extends the lifetime of an activation."""
+        run and reused by the others. Identity of the input tensor, not names, decides reuse. The entry is dropped
+        once every sibling has its slice and holds x only weakly; an entry left by siblings fed different inputs
+        keeps just its (tokens, k·r) projection (and, with grad on, its graph until backward)."""
         cached = self._shared_inputs.get(key)
         if cached is None or cached[0]() is not x or cached[1].dtype != dt:
             Vt = torch.cat([self._modules_by_name[n].tinylora_V.T for n in siblings], dim=0)  # (k·r, in)
