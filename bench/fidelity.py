@@ -6,7 +6,7 @@ vectors are set and :meth:`TinyLoRAAdapter.merge_fidelity` is called per dtype:
 per module (mean and max reported). ``‖ΔW‖/‖W‖`` (over all targets) puts the size of the update in context:
 bf16 has 8 significant bits, so updates far below 2⁻⁹ ≈ 2e-3 of a weight mostly round away.
 
-With ``logprob_model`` (a float32 copy of the same model), the log-prob mismatch that results is measured too:
+With ``logprob_models`` (two float32 copies of the same model), the log-prob mismatch that results is measured too:
 next-token log-probs of the exact adapter (hooked, float32 compute) against those of the merged weights
 ``cast(W + ΔW)`` and of the LoRA a ``sync_mode: lora`` rollout holds (``W + cast(B) cast(A)``), both computed in
 float32, so the difference is the delivery's alone, with no kernel or activation-precision noise in it.
@@ -65,10 +65,13 @@ class LogprobProbe:
         merged = {n: t.to(torch.float32) for n, t in self.adapter.merged_named_tensors(dtype=dtype)}
         self.plain.load_state_dict(merged)
         d_merged = (_next_token_logprobs(self.plain, self.ids) - exact).abs().mean().item()
+        # The factors exactly as sync_mode=lora streams them (peft names, cast to dtype).
+        factors = dict(self.adapter.lora_named_tensors(dtype))
         lora = dict(self.base)
         for name in self.adapter.module_names:
-            B, A = self.adapter.lora_factors(name)  # (out, r), (r, in)
-            lora[f"{name}.weight"] = self.base[f"{name}.weight"] + B.to(dtype).float() @ A.to(dtype).float()
+            A = factors[f"base_model.model.{name}.lora_A.weight"].float()  # (r, in)
+            B = factors[f"base_model.model.{name}.lora_B.weight"].float()  # (out, r)
+            lora[f"{name}.weight"] = self.base[f"{name}.weight"] + B @ A
         self.plain.load_state_dict(lora)
         d_lora = (_next_token_logprobs(self.plain, self.ids) - exact).abs().mean().item()
         return d_merged, d_lora

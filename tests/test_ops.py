@@ -108,8 +108,9 @@ def test_shared_projection_is_exact_and_released(dtype, hook_dtype, rtol):
         adapter = inject_tinylora(model, TinyLoRAConfig(tie_size=3, u=2, init="normal", init_std=0.3, hook_dtype=hook_dtype))
         if not share:
             adapter._siblings = {}
-            adapter._hooks = [h.remove() for h in adapter._hooks] and [
-                m.register_forward_hook(adapter._make_hook(n)) for n, m in adapter._modules_by_name.items()]
+            for h in adapter._hooks:
+                h.remove()
+            adapter._hooks = [m.register_forward_hook(adapter._make_hook(n)) for n, m in adapter._modules_by_name.items()]
         else:
             assert len(adapter._siblings) == 2 * 5  # 2 layers x (q, k, v, gate, up)
         ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(1))
