@@ -1,6 +1,7 @@
-"""Injection time: ``top_r_svd`` (block Lanczos, float64 Rayleigh-Ritz) against ``full_svd`` (``torch.linalg.svd``).
+"""Injection time: ``top_r_svd_batch`` (block Lanczos, float64 Rayleigh-Ritz) against ``full_svd`` (``torch.linalg.svd``).
 
-For every target weight both factorizations are timed and compared through the ΔW they give,
+Both factorizations are timed on every target weight (``top_r_svd_batch`` on all weights of one projection type
+at once, as injection does) and compared through the ΔW they give,
 ``rel = ‖U₁Σ₁MV₁ᵀ − U₂Σ₂MV₂ᵀ‖_F / ‖U₂Σ₂MV₂ᵀ‖_F`` for one fixed random ``M`` (r x r, seeded), which is what
 TinyLoRA's output depends on (signs are canonical in both). Results are aggregated per projection type.
 
@@ -16,7 +17,7 @@ from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import torch
 
-from .common import Section, log
+from .common import Section, log, median
 
 # Qwen2.5-7B: hidden 3584, intermediate 18944, 28 heads x 128, 4 KV heads, 28 layers.
 QWEN7B_SHAPES = {
@@ -62,35 +63,57 @@ def synthetic_modules(shapes: dict[str, tuple[int, int]], layers: Iterable[int],
             yield name, typ, synthetic_weight(shape, _seed("bench-qwen7b", seed, name))
 
 
-def compare_module(W: torch.Tensor, r: int, M: torch.Tensor, repeats: int = 1, ref64: bool = False
-                   ) -> dict[str, float]:
-    """Median time of ``top_r_svd`` and ``full_svd`` on ``W`` and the relative ΔW error between them.
+def compare_batch(weights: list[torch.Tensor], r: int, M: torch.Tensor, repeats: int = 1, ref64: bool = False
+                  ) -> list[dict[str, float]]:
+    """Time ``top_r_svd_batch`` on all of ``weights`` as one call (the batching ``inject_tinylora`` does; its
+    median time is split evenly over the weights) and ``full_svd`` on each, and compare their ΔW.
 
     ``ref64`` adds both factorizations' ΔW error against a float64 full SVD: when σ_r ≈ σ_{r+1} the top-r
     singular vectors are ill-conditioned and even a float32 full SVD is off by ~1e-5..1e-4.
     """
-    from tinylora_verl.factors import canonicalize_signs, dense_delta, full_svd, top_r_svd
+    from tinylora_verl.factors import canonicalize_signs, dense_delta, full_svd, top_r_svd_batch
 
-    t_top, t_full = [], []
+    t_top = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        U1, S1, V1 = top_r_svd(W, r)
+        tops = top_r_svd_batch(weights, r)
         t_top.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        U2, S2, V2 = full_svd(W, r)
-        t_full.append(time.perf_counter() - t0)
-    d1, d2 = dense_delta(U1, S1, V1, M), dense_delta(U2, S2, V2, M)  # (out, in) each
-    rel = ((d1 - d2).norm() / d2.norm()).item()
-    out = {"top": sorted(t_top)[len(t_top) // 2], "full": sorted(t_full)[len(t_full) // 2], "rel": rel,
-           "s_rel": ((S1 - S2).abs() / S2).max().item()}
-    if ref64:
-        U, S, Vh = torch.linalg.svd(W.detach().double(), full_matrices=False)
-        U, V = canonicalize_signs(U[:, :r], Vh[:r].T)
-        d = (U * S[:r]) @ M.double() @ V.T  # (out, in) float64
-        out["top_vs64"] = ((d1.double() - d).norm() / d.norm()).item()
-        out["full_vs64"] = ((d2.double() - d).norm() / d.norm()).item()
-        out["gap"] = (S[r] / S[r - 1]).item()
-    return out
+    per_weight = median(t_top) / len(weights)
+    results = []
+    for W, (U1, S1, V1) in zip(weights, tops):
+        t_full = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            U2, S2, V2 = full_svd(W, r)
+            t_full.append(time.perf_counter() - t0)
+        d1, d2 = dense_delta(U1, S1, V1, M), dense_delta(U2, S2, V2, M)  # (out, in) each
+        out = {"top": per_weight, "full": median(t_full), "rel": ((d1 - d2).norm() / d2.norm()).item(),
+               "s_rel": ((S1 - S2).abs() / S2).max().item()}
+        if ref64:
+            U, S, Vh = torch.linalg.svd(W.detach().double(), full_matrices=False)
+            U, V = canonicalize_signs(U[:, :r], Vh[:r].T)
+            d = (U * S[:r]) @ M.double() @ V.T  # (out, in) float64
+            out["top_vs64"] = ((d1.double() - d).norm() / d.norm()).item()
+            out["full_vs64"] = ((d2.double() - d).norm() / d.norm()).item()
+            out["gap"] = (S[r] / S[r - 1]).item()
+        results.append(out)
+    return results
+
+
+def compare_module(W: torch.Tensor, r: int, M: torch.Tensor, repeats: int = 1, ref64: bool = False
+                   ) -> dict[str, float]:
+    """:func:`compare_batch` of one weight."""
+    return compare_batch([W], r, M, repeats, ref64)[0]
+
+
+def _by_type(modules: Iterable[tuple[str, str, torch.Tensor]]) -> list[tuple[list[str], str, list[torch.Tensor]]]:
+    """``(names, type, weights)`` per projection type, in order of first appearance."""
+    groups: dict[str, tuple[list[str], str, list[torch.Tensor]]] = {}
+    for name, typ, W in modules:
+        g = groups.setdefault(typ, ([], typ, []))
+        g[0].append(name)
+        g[2].append(W)
+    return list(groups.values())
 
 
 def _aggregate(per_module: list[tuple[str, str, dict]], scale: float, label: str, rows: list) -> dict:
@@ -132,23 +155,25 @@ def run(real_modules: Optional[Callable[[], Iterable[tuple[str, str, torch.Tenso
     rows, summary, notes = [], {"speedup_goal": speedup_goal, "rel_goal": rel_goal}, []
     sources = []
     if real_modules is not None:
-        sources.append((real_label, real_modules, 1.0, repeats, real_ref64))
+        sources.append((real_label, real_modules, 1.0, repeats, real_ref64, True))
     if synth_shapes:
         scale = synth_total_layers / len(synth_layers)
         sources.append((synth_label, lambda: synthetic_modules(synth_shapes, synth_layers, seed), scale,
-                        synth_repeats, False))
+                        synth_repeats, False, False))
         if scale != 1.0:
             n_meas = len(synth_layers) * len(synth_shapes)
             notes.append(f"{synth_label}: measured on layers {list(synth_layers)} ({n_meas} modules); seconds are extrapolated ×{scale:g} to {synth_total_layers} layers "
                          "(counts are of measured modules).")
-    for label, modules, scale, reps, ref64 in sources:
+    for label, modules, scale, reps, ref64, batched in sources:
         per_module = []
-        for name, typ, W in modules():
-            d = compare_module(W, r, M, reps, ref64)
-            per_module.append((name, typ, d))
-            progress(f"injection {label}: {name} {tuple(W.shape)} top_r {d['top']:.3f}s full {d['full']:.3f}s "
-                     f"x{d['full'] / d['top']:.1f} rel {d['rel']:.1e}")
-            del W
+        groups = _by_type(modules()) if batched else (([n], t, [W]) for n, t, W in modules())
+        for names, typ, Ws in groups:
+            ds = compare_batch(Ws, r, M, reps, ref64)
+            per_module += [(name, typ, d) for name, d in zip(names, ds)]
+            top, full = sum(d["top"] for d in ds), sum(d["full"] for d in ds)
+            progress(f"injection {label}: {names[0] if len(names) == 1 else typ} x{len(Ws)} {tuple(Ws[0].shape)} "
+                     f"top_r {top:.3f}s full {full:.3f}s x{full / top:.1f} rel {max(d['rel'] for d in ds):.1e}")
+            del Ws
         s = _aggregate(per_module, scale, label, rows)
         s["meets_speedup_goal"] = s["speedup"] >= speedup_goal
         s["meets_rel_goal"] = s["max_rel"] <= rel_goal
@@ -162,7 +187,11 @@ def run(real_modules: Optional[Callable[[], Iterable[tuple[str, str, torch.Tenso
         notes.append(f"one whole `inject_tinylora(model, TinyLoRAConfig(budget=13))` on {real_label}: "
                      f"{summary['inject_tinylora_s']:.2f} s (SVDs, projections, fingerprint, hooks).")
     notes += [
-        f"times are medians of {repeats} run(s) per {real_label} module and {synth_repeats} per synthetic module.",
+        f"{real_label}: top_r_svd is timed as one `top_r_svd_batch` call per projection type, the batching "
+        "`inject_tinylora` does (same-shape weights in batches of ≤ 8 MiB, one weight per intra-op thread; its "
+        "time is split evenly over the type's modules), full_svd per module (`torch.linalg.svd`, torch's default "
+        f"threads); medians of {repeats} run(s). {synth_label}: each weight exceeds a batch, so one call per module, "
+        f"{synth_repeats} run(s).",
         "speedup = Σ full_svd time / Σ top_r_svd time (goal ≥ "
         f"{speedup_goal:g}×); ΔW rel = max over modules of ‖ΔW_top − ΔW_full‖/‖ΔW_full‖ for a fixed seeded M "
         f"(goal ≤ {rel_goal:g}); σ rel = max relative error of the top-{r} singular values.",

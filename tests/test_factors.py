@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from tinylora_verl import factors
-from tinylora_verl.factors import canonicalize_signs, full_svd, mix, module_seed, projections, top_r_svd
+from tinylora_verl.factors import (canonicalize_signs, full_svd, mix, module_seed, projections, top_r_svd,
+                                  top_r_svd_batch)
 
 
 def with_spectrum(out: int, inp: int, s: torch.Tensor, seed: int) -> torch.Tensor:
@@ -103,6 +104,54 @@ def test_top_r_svd_other_ranks(r):
     assert (U.shape, S.shape, V.shape) == ((900, r), (r,), (400, r))
     torch.testing.assert_close(S.double(), Sr, rtol=1e-6, atol=0)
     assert delta_rel(U, S, V, Ur, Sr, Vr) < 1e-4
+
+
+# A mixed batch: repeated shapes (batched Lanczos, tall and wide), a tiny one (float64 full SVD), other dtypes.
+BATCH = [("decaying", (576, 192), torch.float32), ("near_degenerate", (576, 192), torch.float32),
+         ("flat", (576, 192), torch.bfloat16), ("decaying", (24, 40), torch.float32),
+         ("near_degenerate", (300, 500), torch.float16), ("flat", (300, 500), torch.float32),
+         ("decaying", (576, 192), torch.float32)]
+
+
+@pytest.mark.parametrize("max_batch_numel", [1, 2 * 576 * 192, 1 << 21], ids=["alone", "pairs", "default"])
+def test_top_r_svd_batch_matches_float64_reference(max_batch_numel):
+    """Every weight of a mixed batch within the single-weight tolerances of a float64 SVD of its own values,
+    in input order, however the batch is split."""
+    weights = [with_spectrum(*shape, spectrum(kind, min(shape)), seed=i).to(dtype)
+               for i, (kind, shape, dtype) in enumerate(BATCH)]
+    got = top_r_svd_batch(weights, 2, max_batch_numel=max_batch_numel)
+    assert len(got) == len(weights)
+    for W, (U, S, V) in zip(weights, got):
+        Ur, Sr, Vr = reference_factors(W.float(), 2)
+        assert (U.shape, V.shape) == ((W.shape[0], 2), (W.shape[1], 2)) and U.dtype == torch.float32
+        torch.testing.assert_close(S.double(), Sr, rtol=1e-6, atol=0)
+        assert delta_rel(U, S, V, Ur, Sr, Vr) < 1e-4
+
+
+def test_top_r_svd_batch_agrees_with_one_at_a_time():
+    """Batching changes only where each weight's convergence is checked: ΔW agrees to round-off."""
+    weights = [decaying(400, 300, seed=i) for i in range(5)]
+    for W, (U, S, V) in zip(weights, top_r_svd_batch(weights, 2)):
+        assert delta_rel(U, S, V, *(t.double() for t in top_r_svd(W, 2))) < 2e-5
+
+
+def test_top_r_svd_batch_of_nothing_and_rank_errors():
+    assert top_r_svd_batch([], 2) == []
+    with pytest.raises(ValueError, match=r"SVD rank r=3 exceeds min\(out, in\)=2 of a weight with shape \(2, 8\)"):
+        top_r_svd_batch([torch.ones(40, 40), torch.ones(2, 8)], 3)
+
+
+def test_top_r_svd_batch_falls_back_per_weight(monkeypatch, caplog):
+    """A weight that does not converge gets a full SVD; the converged ones of its batch keep their factors."""
+    monkeypatch.setattr(factors, "_MAX_KRYLOV_DIM", 20)
+    easy = with_spectrum(300, 200, torch.arange(1, 201, dtype=torch.float64) ** -3.0, seed=1)
+    hard = with_spectrum(300, 200, spectrum("flat", 200), seed=6)
+    with caplog.at_level("WARNING", logger="tinylora_verl.factors"):
+        got = top_r_svd_batch([easy, hard], 2)
+    assert caplog.text.count("block Lanczos did not converge for a 300x200 weight") == 1
+    for g, want in zip(got[1], full_svd(hard, 2)):
+        assert torch.equal(g, want)
+    assert delta_rel(*got[0], *reference_factors(easy, 2)) < 1e-5
 
 
 def test_top_r_svd_high_rank_uses_full_svd():

@@ -5,7 +5,9 @@ import torch
 
 from tests.conftest import tiny_causal_lm
 from tinylora_verl import TinyLoRAConfig, inject_tinylora
-from tinylora_verl.ops import add_low_rank_update, input_projection, mixed_core, shared_input_groups
+from tinylora_verl.factors import mix
+from tinylora_verl.ops import (add_low_rank_update, add_projected_low_rank_update, factor_layouts, input_projection,
+                                shared_input_groups)
 
 
 def factors(out_f, in_f, u, r, seed, dtype=torch.float32):
@@ -18,12 +20,24 @@ def factors(out_f, in_f, u, r, seed, dtype=torch.float32):
     return U, S, V, P, v
 
 
-# (case, batch shape, out, in, u, r)
-SHAPES = [("2d", (7,), 5, 6, 1, 2), ("3d", (2, 5), 9, 4, 3, 2), ("r1", (3, 4), 6, 6, 2, 1), ("r3", (11,), 8, 10, 4, 3)]
+def update(variant, y, x, v, U, S, V, P, dtype=torch.float32):
+    """The hook's two paths: ``shared`` gets ``h = x V`` from :func:`input_projection` (as q/k/v and gate/up do),
+    ``projected`` projects x inside the node."""
+    layout = factor_layouts(U, S, V, P, dtype)
+    if variant == "shared":
+        return add_low_rank_update(y, input_projection(x, layout.Vt, dtype), v, layout)
+    return add_projected_low_rank_update(y, x, v, layout)
 
 
+VARIANTS = ["shared", "projected"]
+# (case, batch shape, out, in, u, r); rows of 512 floats take the addcmul_ path in float32 on the CPU.
+SHAPES = [("2d", (7,), 5, 6, 1, 2), ("3d", (2, 5), 9, 4, 3, 2), ("r1", (3, 4), 6, 6, 2, 1), ("r3", (11,), 8, 10, 4, 3),
+          ("rows512", (2, 3), 512, 6, 2, 2)]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("case, lead, out_f, in_f, u, r", SHAPES, ids=[s[0] for s in SHAPES])
-def test_update_passes_gradcheck(case, lead, out_f, in_f, u, r):
+def test_update_passes_gradcheck(case, lead, out_f, in_f, u, r, variant):
     U, S, V, P, v = factors(out_f, in_f, u, r, seed=1, dtype=torch.float64)
     gen = torch.Generator().manual_seed(2)
     y0 = torch.randn(*lead, out_f, generator=gen, dtype=torch.float64, requires_grad=True)
@@ -32,19 +46,20 @@ def test_update_passes_gradcheck(case, lead, out_f, in_f, u, r):
 
     def f(y0, x, v):
         # y0 * 1 keeps the in-place update off a leaf, as a linear's output is in the model.
-        return add_low_rank_update(y0 * 1, input_projection(x, V.T.contiguous(), torch.float64), v, P, S, U.T.contiguous())
+        return update(variant, y0 * 1, x, v, U, S, V, P, torch.float64)
 
     assert torch.autograd.gradcheck(f, (y0, x, v))
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("case, lead, out_f, in_f, u, r", SHAPES, ids=[s[0] for s in SHAPES])
-def test_update_matches_the_dense_formula_in_float64(case, lead, out_f, in_f, u, r):
+def test_update_matches_the_dense_formula_in_float64(case, lead, out_f, in_f, u, r, variant):
     """float32 forward and gradients against ``y + x (U diag(S) Σ vᵢPᵢ Vᵀ)ᵀ`` differentiated by autograd in float64."""
     U, S, V, P, v = factors(out_f, in_f, u, r, seed=3)
     gen = torch.Generator().manual_seed(4)
     y0, x, g = (torch.randn(*lead, n, generator=gen) for n in (out_f, in_f, out_f))
     xs, vs = x.clone().requires_grad_(True), v.clone().requires_grad_(True)
-    got = add_low_rank_update(y0.clone(), input_projection(xs, V.T.contiguous(), None), vs, P, S, U.T.contiguous())
+    got = update(variant, y0.clone(), xs, vs, U, S, V, P)
     got.backward(g)
     xd, vd = x.double().requires_grad_(True), v.double().requires_grad_(True)
     M = (vd[:, None, None] * P.double()).sum(0)  # (r, r)
@@ -56,23 +71,35 @@ def test_update_matches_the_dense_formula_in_float64(case, lead, out_f, in_f, u,
     torch.testing.assert_close(vs.grad.double(), vd.grad, rtol=1e-5, atol=1e-5)
 
 
-def test_bf16_output_gets_the_float32_update_cast_once():
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_bf16_output_gets_the_float32_update_cast_once(variant):
     U, S, V, P, v = factors(6, 5, 2, 2, seed=5)
     gen = torch.Generator().manual_seed(6)
     y0, x = torch.randn(4, 6, generator=gen).bfloat16(), torch.randn(4, 5, generator=gen).bfloat16()
-    got = add_low_rank_update(y0.clone(), input_projection(x, V.T.contiguous(), None), v, P, S, U.T.contiguous())
-    want = y0 + ((x.float() @ V) @ mixed_core(v, P, S).T @ U.T).bfloat16()
+    got = update(variant, y0.clone(), x, v, U, S, V, P)
+    want = y0 + ((x.float() @ V) @ (S[:, None] * mix(v, P)).T @ U.T).bfloat16()
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
-def test_in_place_update_of_a_saved_tensor_is_caught():
+def test_layout_is_the_transposed_factors_and_the_flattened_core():
+    U, S, V, P, v = factors(7, 5, 3, 2, seed=9)
+    layout = factor_layouts(U, S, V, P, torch.bfloat16)
+    assert layout.Ut.dtype == layout.Vt.dtype == torch.bfloat16 and layout.PSt.dtype == torch.float32
+    assert layout.Ut.is_contiguous() and layout.Vt.is_contiguous()
+    torch.testing.assert_close(layout.Ut, U.T.bfloat16())
+    torch.testing.assert_close(layout.Vt, V.T.bfloat16())
+    torch.testing.assert_close((layout.PSt @ v).view(2, 2), (S[:, None] * mix(v, P)).T)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_in_place_update_of_a_saved_tensor_is_caught(variant):
     """The update is in place; autograd must refuse it when an earlier op saved the output for its backward."""
     U, S, V, P, v = factors(4, 3, 1, 2, seed=7)
     x = torch.randn(5, 3, generator=torch.Generator().manual_seed(8), requires_grad=True)
     y = x @ torch.ones(3, 4)
     z = y * y  # mul saves y for its backward
-    add_low_rank_update(y, input_projection(x, V.T.contiguous(), None), v.requires_grad_(True), P, S, U.T.contiguous())
+    update(variant, y, x, v.requires_grad_(True), U, S, V, P)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         (z.sum() + y.sum()).backward()
 
@@ -143,3 +170,31 @@ def test_siblings_fed_different_inputs_fall_back_to_their_own_projection():
     assert entries
     del xq, xk
     assert all(ref() is None for ref, _, _ in entries)
+
+
+@pytest.mark.parametrize("change", ["in-place", "replaced"])
+def test_cached_layouts_follow_the_factor_buffers(change):
+    """The hook's cached layouts (and the stacked q/k/v Vᵀ) are rebuilt when a factor buffer is written in place,
+    as a broadcast from rank 0 does, or replaced, as ``model.to(...)`` does."""
+    model = tiny_causal_lm("llama")
+    adapter = inject_tinylora(model, TinyLoRAConfig(tie_size=3, u=2, init="normal", init_std=0.3))
+    attn = model.model.layers[0].self_attn
+    names = [f"model.layers.0.self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj", "o_proj")]
+    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(3))
+
+    def check():
+        with torch.no_grad():
+            for name in names:  # q, k, v share one projection of the same x; o projects its own
+                mod = model.get_submodule(name)
+                torch.testing.assert_close(mod(x), x @ (mod.weight + adapter.delta_weight(name)).T, rtol=1e-5,
+                                           atol=1e-5)
+
+    check()
+    for mod in (attn.k_proj, attn.o_proj):
+        if change == "in-place":
+            mod.tinylora_V.mul_(-2.0)
+            mod.tinylora_S.add_(1.0)
+        else:
+            mod.tinylora_V = mod.tinylora_V * -2.0
+            mod.tinylora_S = mod.tinylora_S + 1.0
+    check()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import logging
 import time
 import weakref
 from typing import Iterable, Iterator, Optional
@@ -23,9 +24,12 @@ import torch
 from torch import nn
 
 from .config import SIGN_CONVENTION, TinyLoRAConfig
-from .factors import dense_delta, mix, projections, top_r_svd
-from .ops import add_low_rank_update, input_projection, shared_input_groups
+from .factors import dense_delta, mix, projections, top_r_svd_batch
+from .ops import (FactorLayout, add_low_rank_update, add_projected_low_rank_update, factor_layouts, input_projection,
+                  shared_input_groups)
 from .tying import TiePlan, build_tie_plan, canonical_order, plan_budget
+
+logger = logging.getLogger(__name__)
 
 _BUFFERS = ("tinylora_U", "tinylora_S", "tinylora_V", "tinylora_P")
 _FINGERPRINT_SAMPLES = 4096
@@ -121,13 +125,15 @@ class TinyLoRAAdapter(nn.Module):
         self.enabled = True
         self._siblings = {n: (tuple(g), i) for g in shared_input_groups(plan.module_names) for i, n in enumerate(g)}
         self._shared_inputs: dict[str, tuple] = {}
+        self._layouts: dict[tuple[str, torch.dtype], tuple] = {}
+        self._stacked_vt: dict[tuple[str, torch.dtype], tuple] = {}
         # Only a rank holding real weights can fingerprint them; verl saves adapters from rank 0, which does.
         self.fingerprint = "" if on_meta else weight_fingerprint(self._modules_by_name)
         self._hooks = [m.register_forward_hook(self._make_hook(n)) for n, m in self._modules_by_name.items()]
 
     # ------------------------------------------------------------------ forward
     def _make_hook(self, name: str):
-        group = self._group_index[name]
+        vectors, group_key = self.vectors._parameters, str(self._group_index[name])
         in_activation_dtype = self.config.hook_dtype == "activation"
         siblings, position = self._siblings.get(name, ((name,), 0))
         key = siblings[0]
@@ -139,15 +145,29 @@ class TinyLoRAAdapter(nn.Module):
             x = args[0]
             # float32 by default; bf16/fp16 thin GEMMs (float32 accumulation inside) with hook_dtype=activation.
             dt = output.dtype if in_activation_dtype and output.dtype != torch.float32 else torch.float32
-            r = module.tinylora_S.shape[0]
+            layout = self._layout(name, module, dt)
+            # Read the vector from the list's dict each call (not a cached object): FSDP swaps parameter tensors.
+            v = vectors[group_key]
             if len(siblings) == 1:
-                h = input_projection(x, module.tinylora_V.T.contiguous(), dt)  # (tokens, r)
-            else:
-                h = self._shared_projection(key, siblings, x, dt)[:, position * r:(position + 1) * r]  # (tokens, r)
-            return add_low_rank_update(output, h, self.vectors[group], module.tinylora_P, module.tinylora_S,
-                                       module.tinylora_U.T.contiguous())
+                return add_projected_low_rank_update(output, x, v, layout)
+            r = layout.Ut.shape[0]
+            h = self._shared_projection(key, siblings, x, dt)[:, position * r:(position + 1) * r]  # (tokens, r)
+            return add_low_rank_update(output, h, v, layout)
 
         return hook
+
+    def _layout(self, name: str, module: nn.Module, dt: torch.dtype) -> FactorLayout:
+        """``module`` 's factors laid out for the hook in ``dt``, rebuilt whenever a factor buffer is replaced
+        (``model.to(...)``) or written in place (a broadcast from rank 0), as their identity and version say."""
+        b = module._buffers
+        U, S, V, P = b["tinylora_U"], b["tinylora_S"], b["tinylora_V"], b["tinylora_P"]
+        versions = (U._version, S._version, V._version, P._version)
+        hit = self._layouts.get((name, dt))
+        if (hit is None or hit[2] != versions or hit[1][0] is not U or hit[1][1] is not S or hit[1][2] is not V
+                or hit[1][3] is not P):
+            hit = (factor_layouts(U, S, V, P, dtype=dt), (U, S, V, P), versions)
+            self._layouts[(name, dt)] = hit
+        return hit[0]
 
     def _shared_projection(self, key: str, siblings: tuple[str, ...], x: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
         """``x [V₁ … V_k]`` (tokens, k·r) for modules that read the same ``x``, computed by the first of them to
@@ -156,8 +176,12 @@ class TinyLoRAAdapter(nn.Module):
         keeps just its (tokens, k·r) projection (and, with grad on, its graph until backward)."""
         cached = self._shared_inputs.get(key)
         if cached is None or cached[0]() is not x or cached[1].dtype != dt:
-            Vt = torch.cat([self._modules_by_name[n].tinylora_V.T for n in siblings], dim=0)  # (k·r, in)
-            cached = (weakref.ref(x), input_projection(x, Vt, dt), [len(siblings)])
+            layouts = tuple(self._layout(n, self._modules_by_name[n], dt) for n in siblings)
+            stacked = self._stacked_vt.get((key, dt))
+            if stacked is None or any(a is not b for a, b in zip(stacked[0], layouts)):
+                stacked = (layouts, torch.cat([lay.Vt for lay in layouts], dim=0))  # (k·r, in)
+                self._stacked_vt[(key, dt)] = stacked
+            cached = (weakref.ref(x), input_projection(x, stacked[1], dt), [len(siblings)])
             self._shared_inputs[key] = cached
         cached[2][0] -= 1
         if cached[2][0] == 0:
@@ -331,6 +355,8 @@ class TinyLoRAAdapter(nn.Module):
         for h in self._hooks:
             h.remove()
         self._hooks = []
+        self._layouts.clear()
+        self._stacked_vt.clear()
         for m in self._modules_by_name.values():
             for b in _BUFFERS:
                 if hasattr(m, b):
@@ -349,8 +375,8 @@ def resolve_plan(config: TinyLoRAConfig, names: list[str]) -> TiePlan:
 def inject_tinylora(model: nn.Module, config: TinyLoRAConfig, factors: Optional[dict] = None) -> TinyLoRAAdapter:
     """Freeze ``model``, attach TinyLoRA to its target linears, return the adapter handle.
 
-    ``factors`` optionally maps module names to precomputed ``(U, S, V)`` (e.g. broadcast from rank 0);
-    otherwise each target's top-r SVD is computed here in float32.
+    ``factors`` optionally maps module names to precomputed ``(U, S, V)`` (e.g. broadcast from rank 0); the
+    other targets' top-r SVDs are computed here in float32, same-shape weights batched (:func:`top_r_svd_batch`).
     """
     modules = find_target_modules(model, config.target_modules)
     names = canonical_order(list(modules), config.target_modules)
@@ -358,18 +384,24 @@ def inject_tinylora(model: nn.Module, config: TinyLoRAConfig, factors: Optional[
     for p in model.parameters():
         p.requires_grad_(False)
     for name in names:
-        m = modules[name]
-        if any(hasattr(m, b) for b in _BUFFERS):
+        if any(hasattr(modules[name], b) for b in _BUFFERS):
             raise ValueError(f"module {name!r} already carries TinyLoRA buffers; call adapter.remove() first")
+    factors = dict(factors or {})
+    todo = [n for n in names if n not in factors and modules[n].weight.device.type != "meta"]
+    start = time.perf_counter()
+    factors.update(zip(todo, top_r_svd_batch([modules[n].weight for n in todo], config.r)))
+    if todo:
+        logger.info("inject_tinylora: top-%d SVD of %d weights in %.2f s", config.r, len(todo),
+                    time.perf_counter() - start)
+    for name in names:
+        m = modules[name]
         dev = m.weight.device
-        if factors is not None:
+        if name in factors:
             U, S, V = factors[name]
-        elif dev.type == "meta":
+        else:
             # Ranks built on meta (verl's non-zero ranks) get placeholders; FSDP's load broadcasts rank 0's values.
             out_f, in_f = m.weight.shape
             U, S, V = torch.empty(out_f, config.r), torch.empty(config.r), torch.empty(in_f, config.r)
-        else:
-            U, S, V = top_r_svd(m.weight, config.r)
         m.register_buffer("tinylora_U", U.to(dev, torch.float32), persistent=False)
         m.register_buffer("tinylora_S", S.to(dev, torch.float32), persistent=False)
         m.register_buffer("tinylora_V", V.to(dev, torch.float32), persistent=False)

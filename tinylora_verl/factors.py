@@ -16,7 +16,8 @@ import contextlib
 import hashlib
 import logging
 import math
-from typing import Optional
+import time
+from typing import Optional, Sequence
 
 import torch
 
@@ -46,6 +47,11 @@ _BREAKDOWN = 1e-5
 _THREADED_MIN_NUMEL = 1 << 24
 # Rows of A converted to float64 at a time in the final products (a 18944 x 3584 weight would be 543 MB).
 _CHUNK_ROWS = 2048
+# Weight elements per batch of same-shape weights (8 MiB in float32): two of SmolLM2's MLP weights, six of its
+# q_proj. The products with A are bandwidth-bound; a batch this small stays in cache (SmolLM2's 210 weights: 0.70 s
+# with this cap, 0.81 s with 16 MiB, 1.64 s with 32 MiB, 1.15 s one weight at a time), and it is split across the
+# intra-op threads, one weight per thread. A 7B model's weights exceed it and go one at a time.
+_BATCH_NUMEL = 1 << 21
 
 
 def _check_rank(weight: torch.Tensor, r: int) -> None:
@@ -89,86 +95,118 @@ def _torch_threads(n: int):
 
 
 def _gram_apply(A: torch.Tensor, X: torch.Tensor, tall: bool, threads: int) -> torch.Tensor:
-    """``X G`` for rows ``X`` (b, s) and the Gram ``G`` = AᵀA (tall) or AAᵀ (wide) of the small side s."""
+    """``X G`` for rows ``X`` (B, b, s) and the Gram ``G`` = AᵀA (tall) or AAᵀ (wide) of the small side s."""
     with _torch_threads(threads):
-        return (X @ A.T) @ A if tall else (X @ A) @ A.T  # (b, s)
+        return torch.bmm(torch.bmm(X, A.mT), A) if tall else torch.bmm(torch.bmm(X, A), A.mT)  # (B, b, s)
 
 
-def _block_lanczos(A: torch.Tensor, r: int, k: int, tall: bool, threads: int) -> Optional[torch.Tensor]:
-    """Top k Ritz vectors (k, s) of the small-side Gram by block Lanczos, or None if not converged.
+def _block_lanczos(A: torch.Tensor, r: int, k: int, tall: bool, threads: int) -> list[Optional[torch.Tensor]]:
+    """Top k Ritz vectors (k, s) of the small-side Gram of each weight in the batch ``A`` (B, out, in) by block
+    Lanczos, or None for a weight that did not converge.
 
     Basis vectors are rows of ``Qt`` (row-major blocks are the fast case, see ``_BLOCK``), reorthogonalized twice
     against all previous ones (classical Gram-Schmidt twice: with one pass float32 loses orthogonality and
     SmolLM2's weights took up to 99 steps, some to wrong vectors). The coefficients of that orthogonalization
     are the projected matrix T = Qᵀ G Q, so the residual of a Ritz pair ``(θ, Qᵀw)`` is ``‖R w_last‖`` with R
-    the last block's QR factor, no extra product.
+    the last block's QR factor, no extra product. The weights of a batch iterate together (every op is a batched
+    one: a few hundred ops for the batch instead of for each weight); each is checked at its own predicted depth
+    and its Ritz vectors taken as soon as it has converged.
     """
-    s, b = min(A.shape), _BLOCK
+    nb, s, b = A.shape[0], min(A.shape[1:]), _BLOCK
     steps = min(_MAX_KRYLOV_DIM, s) // b - 1
     gen = torch.Generator(device="cpu").manual_seed(0x5EED)
     Q0, _ = torch.linalg.qr(torch.randn(s, b, generator=gen, dtype=torch.float32))  # (s, b)
-    Qt = torch.empty(b * (steps + 1), s, device=A.device)  # (d_max, s) basis rows
+    Qt = torch.empty(nb, b * (steps + 1), s, device=A.device)  # (B, d_max, s) basis rows
     # T grows by doubling: zeroing a d_max² buffer (1.3 MB for SmolLM2) cost as much as 5 steps.
-    T = torch.zeros(64, 64, device=A.device)  # (≥ d, ≥ d)
-    Qt[:b] = Q0.T.to(A.device)
-    Qj = Qt[:b]  # (b, s)
-    check, last = -(-k // b), None  # the first depth with k Ritz vectors
+    T = torch.zeros(nb, 64, 64, device=A.device)  # (B, ≥ d, ≥ d)
+    Qt[:, :b] = Q0.T.to(A.device)
+    Qj = Qt[:, :b]  # (B, b, s)
+    out: list[Optional[torch.Tensor]] = [None] * nb
+    pending = list(range(nb))
+    check, last = [-(-k // b)] * nb, [None] * nb  # the first depth with k Ritz vectors
     for j in range(1, steps + 1):
         d = b * j
-        Qd = Qt[:d]  # (d, s)
-        W = _gram_apply(A, Qj, tall, threads)  # (b, s)
-        scale = W.norm()  # scalar
-        C = W @ Qd.T  # (b, d)
-        W = torch.addmm(W, C, Qd, alpha=-1)  # (b, s)
-        C2 = W @ Qd.T  # (b, d)
-        W = torch.addmm(W, C2, Qd, alpha=-1)  # (b, s)
-        Qn, R = torch.linalg.qr(W.T)  # (s, b), (b, b)
-        Qt[d:d + b] = Qn.T
-        Qj = Qt[d:d + b]  # (b, s)
-        if d > T.shape[0]:
-            T = torch.nn.functional.pad(T, (0, T.shape[0], 0, T.shape[0]))
-        T[d - b:d, :d] = C + C2  # this block's row of T up to the diagonal: the lower triangle eigh reads
-        breakdown = (R.diagonal().abs().min() <= _BREAKDOWN * scale).item()
-        if breakdown and d < k:
-            return None
-        if j < check and j < steps and not breakdown:
+        Qd = Qt[:, :d]  # (B, d, s)
+        W = _gram_apply(A, Qj, tall, threads)  # (B, b, s)
+        scale = W.flatten(1).norm(dim=1)  # (B,)
+        C = torch.bmm(W, Qd.mT)  # (B, b, d)
+        W = torch.baddbmm(W, C, Qd, alpha=-1)  # (B, b, s)
+        C2 = torch.bmm(W, Qd.mT)  # (B, b, d)
+        W = torch.baddbmm(W, C2, Qd, alpha=-1)  # (B, b, s)
+        Qn, R = torch.linalg.qr(W.mT)  # (B, s, b), (B, b, b)
+        Qt[:, d:d + b] = Qn.mT
+        Qj = Qt[:, d:d + b]  # (B, b, s)
+        if d > T.shape[1]:
+            T = torch.nn.functional.pad(T, (0, T.shape[1], 0, T.shape[1]))
+        T[:, d - b:d, :d] = C + C2  # this block's row of T up to the diagonal: the lower triangle eigh reads
+        breakdown = (R.diagonal(dim1=1, dim2=2).abs().amin(1) <= _BREAKDOWN * scale).tolist()
+        due = [i for i in pending if breakdown[i] or j >= check[i] or j == steps]
+        if not due:
             continue
-        theta, w = torch.linalg.eigh(T[:d, :d], UPLO="L")  # ascending
-        w = w[:, -k:].flip(1)  # (d, k) top first
+        idx = torch.tensor(due, device=A.device)
+        theta, w = torch.linalg.eigh(T[idx, :d, :d], UPLO="L")  # ascending
+        w = w[..., -k:].flip(-1) if d >= k else None  # (n_due, d, k) top first
         # Only the top r pairs: a block of 2 already carries vᵣ₊₁ along when σᵣ₊₁ ≈ σᵣ.
-        res = ((R @ w[d - b:, :r]).norm(dim=0).max() / theta[-1]).item()
-        if res <= _RESIDUAL_TOL:
-            return w.T @ Qd  # (k, s)
-        if breakdown:
-            return None
-        # The residual falls geometrically with the depth: jump to the predicted depth, at most 8 steps ahead,
-        # so the d x d eigh runs a few times rather than every step.
-        if last is not None and res < last[1]:
-            rate = math.log(res / last[1]) / (j - last[0])
-            check = j + max(1, min(8, math.ceil(math.log(_RESIDUAL_TOL / res) / rate)))
-        else:
-            check = j + 3
-        last = (j, res)
-    return None
+        res = ([1.0] * len(due) if w is None
+               else ((R[idx] @ w[:, d - b:, :r]).norm(dim=1).amax(1) / theta[:, -1]).tolist())
+        for n, i in enumerate(due):
+            if res[n] <= _RESIDUAL_TOL:
+                out[i] = w[n].T @ Qd[i]  # (k, s)
+            elif not breakdown[i] and j < steps:
+                # The residual falls geometrically with the depth: jump to the predicted depth, at most 8 steps
+                # ahead, so the d x d eigh runs a few times rather than every step.
+                if last[i] is not None and res[n] < last[i][1]:
+                    rate = math.log(res[n] / last[i][1]) / (j - last[i][0])
+                    check[i] = j + max(1, min(8, math.ceil(math.log(_RESIDUAL_TOL / res[n]) / rate)))
+                else:
+                    check[i] = j + 3
+                last[i] = (j, res[n])
+                continue
+            pending.remove(i)
+        if not pending:
+            break
+    return out
 
 
 def _rayleigh_ritz64(A: torch.Tensor, B: torch.Tensor, r: int, tall: bool, threads: int
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Top-r singular triplets of ``A`` restricted to the row span of ``B`` (k, s), all in float64."""
-    B = torch.linalg.qr(B.double().T)[0].T  # (k, s) orthonormal in float64
+    """Top-r singular triplets of each ``A`` (B, out, in) restricted to the row span of ``B`` (B, k, s), in
+    float64: ``U`` (B, out, r), ``S`` (B, r), ``V`` (B, in, r)."""
+    B = torch.linalg.qr(B.double().mT)[0].mT  # (B, k, s) orthonormal rows in float64
     # Y = B Aᵀ (tall) or B A (wide) in float64, a block of rows of A at a time.
     with _torch_threads(threads):
         if tall:
-            Y = torch.cat([B @ rows.double().T for rows in A.split(_CHUNK_ROWS)], dim=1)  # (k, out)
+            Y = torch.cat([B @ rows.double().mT for rows in A.split(_CHUNK_ROWS, dim=1)], dim=2)  # (B, k, out)
         else:
-            chunks = zip(B.split(_CHUNK_ROWS, dim=1), A.split(_CHUNK_ROWS))
-            Y = sum(Bc @ rows.double() for Bc, rows in chunks)  # (k, in)
+            chunks = zip(B.split(_CHUNK_ROWS, dim=2), A.split(_CHUNK_ROWS, dim=1))
+            Y = sum(Bc @ rows.double() for Bc, rows in chunks)  # (B, k, in)
     # SVD of Yᵀ through the k x k Gram Y Yᵀ: in float64 squaring σ costs nothing that matters, and it is a
     # third of the time of torch.linalg.svd on the tall (big, k) matrix.
-    theta, Z = torch.linalg.eigh(Y @ Y.T)  # (k,), (k, k) ascending
-    Z, S = Z[:, -r:].flip(1), theta[-r:].flip(0).clamp_min(0).sqrt()  # (k, r), (r,)
-    big, small = (Z.T @ Y).T / S.clamp_min(torch.finfo(S.dtype).tiny), B.T @ Z  # (big side, r), (small side, r)
+    theta, Z = torch.linalg.eigh(Y @ Y.mT)  # (B, k), (B, k, k) ascending
+    Z, S = Z[..., -r:].flip(-1), theta[..., -r:].flip(-1).clamp_min(0).sqrt()  # (B, k, r), (B, r)
+    big = (Z.mT @ Y).mT / S[:, None, :].clamp_min(torch.finfo(S.dtype).tiny)  # (B, big side, r)
+    small = B.mT @ Z  # (B, small side, r)
     return (big, S, small) if tall else (small, S, big)
+
+
+def _lanczos_svd(A: torch.Tensor, r: int) -> list[Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]:
+    """``(U, S, V)`` in float64 for each weight of the float32 batch ``A`` (B, out, in), None where unconverged."""
+    tall, k = A.shape[1] >= A.shape[2], r + _RITZ_EXTRA
+    threads = torch.get_num_threads() if A.numel() >= _THREADED_MIN_NUMEL or A.shape[0] > 1 else 1
+    with _torch_threads(1):
+        found = _block_lanczos(A, r, k, tall, threads)
+        done = [i for i, B in enumerate(found) if B is not None]
+        out: list[Optional[tuple]] = [None] * A.shape[0]
+        if done:
+            U, S, V = _rayleigh_ritz64(A if len(done) == len(found) else A[done], torch.stack([found[i] for i in done]), r, tall, threads)
+            for n, i in enumerate(done):
+                out[i] = (U[n], S[n], V[n])
+    return out
+
+
+def _finish(U: torch.Tensor, S: torch.Tensor, V: torch.Tensor, r: int):
+    U, V = canonicalize_signs(U[:, :r].float(), V[:, :r].float())
+    return U.contiguous(), S[:r].float().contiguous(), V.contiguous()
 
 
 def top_r_svd(weight: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -187,27 +225,50 @@ def top_r_svd(weight: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor,
     Returns:
         ``U`` (out, r), ``S`` (r,), ``V`` (in, r), float32, canonical signs.
     """
-    _check_rank(weight, r)
-    A = weight.detach().to(torch.float32)  # (out, in)
-    m, n = A.shape
-    tall, k = m >= n, r + _RITZ_EXTRA
-    if min(m, n) <= _FULL_SVD_MAX_DIM:
-        U, S, Vh = torch.linalg.svd(A.double(), full_matrices=False)
-        U, V = U[:, :r], Vh[:r].T
-    elif 4 * k > min(m, n):
-        return full_svd(A, r)
-    else:
-        threads = torch.get_num_threads() if A.numel() >= _THREADED_MIN_NUMEL else 1
-        with _torch_threads(1):
-            B = _block_lanczos(A, r, k, tall, threads)  # (k, s) Ritz vectors of the small side
-            if B is not None:
-                U, S, V = _rayleigh_ritz64(A, B, r, tall, threads)
-        if B is None:
-            logger.warning("top_r_svd: block Lanczos did not converge for a %dx%d weight (or broke down: exactly low "
-                           "rank or repeated singular values); using a full SVD", m, n)
-            return full_svd(A, r)
-    U, V = canonicalize_signs(U.float(), V.float())
-    return U.contiguous(), S[:r].float().contiguous(), V.contiguous()
+    return top_r_svd_batch([weight], r)[0]
+
+
+def top_r_svd_batch(weights: Sequence[torch.Tensor], r: int, max_batch_numel: int = _BATCH_NUMEL
+                    ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """:func:`top_r_svd` of every weight, weights of one shape and device iterated as one batch.
+
+    What :func:`~tinylora_verl.adapter.inject_tinylora` uses: a model has a handful of weight shapes, each
+    repeated once per layer, and the Krylov iteration is hundreds of small ops whose cost is per op, not per
+    FLOP, so a batch of 30 SmolLM2 weights takes little more than one. Batches hold at most
+    ``max_batch_numel`` weight elements (a float32 copy is made, and a float64 one in the Rayleigh-Ritz step).
+    A weight's factors agree with those computed alone to round-off (its convergence check may fall at another
+    depth), both within the same distance of a float64 SVD.
+    """
+    for w in weights:
+        _check_rank(w, r)
+    out: list[Optional[tuple]] = [None] * len(weights)
+    groups: dict[tuple, list[int]] = {}
+    for i, w in enumerate(weights):
+        groups.setdefault((tuple(w.shape), w.device), []).append(i)
+    for (shape, _), idx in groups.items():
+        m, n = shape
+        if min(m, n) <= _FULL_SVD_MAX_DIM:
+            for i in idx:
+                U, S, Vh = torch.linalg.svd(weights[i].detach().double(), full_matrices=False)
+                out[i] = _finish(U, S, Vh.mT, r)
+            continue
+        if 4 * (r + _RITZ_EXTRA) > min(m, n):
+            for i in idx:
+                out[i] = full_svd(weights[i], r)
+            continue
+        per, start = max(1, max_batch_numel // (m * n)), time.perf_counter()
+        for c in range(0, len(idx), per):
+            chunk = idx[c:c + per]
+            A = torch.stack([weights[i].detach().to(torch.float32) for i in chunk])  # (B, out, in)
+            for i, f in zip(chunk, _lanczos_svd(A, r)):
+                if f is None:
+                    logger.warning("top_r_svd: block Lanczos did not converge for a %dx%d weight (or broke down: "
+                                   "exactly low rank or repeated singular values); using a full SVD", m, n)
+                    out[i] = full_svd(weights[i], r)
+                else:
+                    out[i] = _finish(*f, r)
+        logger.info("top_r_svd: %d weights of %dx%d in %.2f s", len(idx), m, n, time.perf_counter() - start)
+    return out
 
 
 def module_seed(seed: int, module_name: str) -> int:
