@@ -198,3 +198,25 @@ def test_cached_layouts_follow_the_factor_buffers(change):
             mod.tinylora_V = mod.tinylora_V * -2.0
             mod.tinylora_S = mod.tinylora_S + 1.0
     check()
+
+
+def test_hook_under_autocast_adds_the_float32_update_and_backpropagates():
+    """verl runs the actor's forward under autocast: the hook must still compute ΔW·x in float32 and cast it once
+    (not in the autocast dtype), and the backward must run (it failed on the bf16 activations autocast saved)."""
+    model = tiny_causal_lm("llama")
+    adapter = inject_tinylora(model, TinyLoRAConfig(tie_size=3, u=2, init="normal", init_std=0.3))
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(input_ids=ids).logits
+    logits.float().square().mean().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
+               for p in adapter.parameters())
+    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(2))
+    for name in ("model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.o_proj"):  # shared, own projection
+        mod = model.get_submodule(name)
+        with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+            got = mod(x)
+            with adapter.disable_adapter():
+                base = mod(x)
+        assert got.dtype == base.dtype == torch.bfloat16
+        torch.testing.assert_close(got, base + (x @ adapter.delta_weight(name).T).bfloat16(), rtol=0, atol=0)

@@ -143,6 +143,14 @@ class TinyLoRAAdapter(nn.Module):
             if not self.enabled:
                 return output
             x = args[0]
+            if torch.is_autocast_enabled(x.device.type):
+                # Under autocast (verl's actor forward) every GEMM would run in the autocast dtype whatever
+                # hook_dtype says, and save bf16 activations for a float32 backward: the hook picks its own dtype.
+                with torch.autocast(x.device.type, enabled=False):
+                    return update(module, x, output)
+            return update(module, x, output)
+
+        def update(module: nn.Linear, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
             # float32 by default; bf16/fp16 thin GEMMs (float32 accumulation inside) with hook_dtype=activation.
             dt = output.dtype if in_activation_dtype and output.dtype != torch.float32 else torch.float32
             layout = self._layout(name, module, dt)

@@ -96,7 +96,7 @@ def _grads(g: torch.Tensor, h2d: torch.Tensor, v_dtype: torch.dtype, PSt: torch.
     grad_v = None
     if need_v:
         f32 = PSt.dtype
-        grad_core = torch.mm(h2d.T, gU) if gU.dtype is f32 else torch.mm(h2d.T.to(f32), gU.to(f32))  # (r, r)
+        grad_core = torch.mm(h2d.T.to(f32), gU.to(f32))  # (r, r)
         grad_v = torch.mv(PSt.T, grad_core.view(-1))  # (u,) = ∂L/∂v from ∂L/∂(Σ M)ᵀ
         if grad_v.dtype is not v_dtype:
             grad_v = grad_v.to(v_dtype)
