@@ -1,4 +1,4 @@
-"""Injection time: ``top_r_svd_batch`` (block Lanczos, float64 Rayleigh-Ritz) against ``full_svd`` (``torch.linalg.svd``).
+"""Injection time: ``top_r_svd_batch`` (block Lanczos, float64 Rayleigh-Ritz) against ``full_svd`` (a full SVD).
 
 Both factorizations are timed on every target weight (``top_r_svd_batch`` on all weights of one projection type
 at once, as injection does) and compared through the ΔW they give,

@@ -198,7 +198,8 @@ def _lanczos_svd(A: torch.Tensor, r: int) -> list[Optional[tuple[torch.Tensor, t
         done = [i for i, B in enumerate(found) if B is not None]
         out: list[Optional[tuple]] = [None] * A.shape[0]
         if done:
-            U, S, V = _rayleigh_ritz64(A if len(done) == len(found) else A[done], torch.stack([found[i] for i in done]), r, tall, threads)
+            Ad = A if len(done) == len(found) else A[done]  # (B', out, in)
+            U, S, V = _rayleigh_ritz64(Ad, torch.stack([found[i] for i in done]), r, tall, threads)
             for n, i in enumerate(done):
                 out[i] = (U[n], S[n], V[n])
     return out
