@@ -43,7 +43,8 @@ _MAX_KRYLOV_DIM = 1024
 _BREAKDOWN = 1e-5
 # The iteration is hundreds of tiny ops; with several OpenMP threads each pays a fork-join, and on a loaded
 # machine a spin-wait: a 576 x 1536 weight took 9 s with 2 threads and 0.02 s with 1. So it runs on one thread,
-# except the products with A of a weight this large (Qwen2.5-7B's MLPs), where threads pay off.
+# except the products with A of a weight this large (Qwen2.5-7B's MLPs) or of a batch of weights (one per thread),
+# where threads pay off.
 _THREADED_MIN_NUMEL = 1 << 24
 # Rows of A converted to float64 at a time in the final products (a 18944 x 3584 weight would be 543 MB).
 _CHUNK_ROWS = 2048
@@ -234,9 +235,10 @@ def top_r_svd_batch(weights: Sequence[torch.Tensor], r: int, max_batch_numel: in
     """:func:`top_r_svd` of every weight, weights of one shape and device iterated as one batch.
 
     What :func:`~tinylora_verl.adapter.inject_tinylora` uses: a model has a handful of weight shapes, each
-    repeated once per layer, and the Krylov iteration is hundreds of small ops whose cost is per op, not per
-    FLOP, so a batch of 30 SmolLM2 weights takes little more than one. Batches hold at most
-    ``max_batch_numel`` weight elements (a float32 copy is made, and a float64 one in the Rayleigh-Ritz step).
+    repeated once per layer. The Krylov iteration is hundreds of small ops, paid once per batch instead of once
+    per weight, and the bandwidth-bound products with A run one weight per intra-op thread. Batches hold at most
+    ``max_batch_numel`` weight elements, so they stay in cache (a float32 copy is made, and a float64 one in the
+    Rayleigh-Ritz step).
     A weight's factors agree with those computed alone to round-off (its convergence check may fall at another
     depth), both within the same distance of a float64 SVD.
     """
