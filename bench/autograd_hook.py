@@ -35,8 +35,9 @@ def _make_hook(adapter, group: int):
 
 
 def install(adapter) -> None:
-    """Replace ``adapter`` 's forward hooks by the plain-autograd hook."""
-    for h in adapter._hooks:
-        h.remove()
-    adapter._hooks = [module.register_forward_hook(_make_hook(adapter, adapter._group_index[name]))
-                      for name, module in adapter._modules_by_name.items()]
+    """Replace ``adapter`` 's forwards by the base linear plus the plain-autograd hook (``adapter.remove()``
+    still takes them off)."""
+    forwards = adapter._forwards
+    forwards.remove()
+    forwards.hooked = {name: module.register_forward_hook(_make_hook(adapter, adapter._group_index[name]))
+                       for name, module in adapter.named_adapted_modules()}

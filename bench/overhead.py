@@ -24,9 +24,9 @@ from torch import nn
 
 from .common import Section, interleaved_times, log, median, paired_ratios
 
-BASE, OURS, PEFT_TINY, PEFT_LORA, FULL_FT, AUTOGRAD, OURS_ACT = (
+BASE, OURS, PEFT_TINY, PEFT_LORA, FULL_FT, AUTOGRAD, HOOK, OURS_ACT = (
     "base (frozen, grad to inputs)", "TinyLoRA (ours)", "peft TinyLoRA", "peft LoRA r=1", "full FT",
-    "TinyLoRA, plain-autograd hook (before)", "TinyLoRA (ours, hook_dtype=activation)",
+    "TinyLoRA, plain-autograd hook (before)", "TinyLoRA, hook path (before)", "TinyLoRA (ours, hook_dtype=activation)",
 )
 
 
@@ -64,6 +64,10 @@ def build_variants(factory: Callable[[torch.dtype], nn.Module], dtype: torch.dty
         adapter2 = inject_tinylora(m, TinyLoRAConfig(budget=budget))
         install(adapter2)
         out[AUTOGRAD] = (m, list(adapter2.vectors))
+        m = factory(dtype)
+        adapter4 = inject_tinylora(m, TinyLoRAConfig(budget=budget))
+        adapter4.reroute(fused=False)
+        out[HOOK] = (m, list(adapter4.vectors))
     if dtype != torch.float32:
         # The package's fix for low-precision models (the prototype's low_precision path, now a config option).
         m = factory(dtype)
@@ -182,6 +186,10 @@ def run(factory: Callable[[torch.dtype], nn.Module], dtypes: Sequence[torch.dtyp
         "round-robin with a rotated order, so each round's ratio compares runs seconds apart).",
         "CPU s / CPU ratio = process CPU time (all threads) and its paired ratio: on a loaded machine it counts "
         "work done rather than time spent descheduled (with >1 thread it also counts OpenMP spin-waits).",
+        "TinyLoRA (ours): each linear's forward is one fused node (base linear + update, the update's input "
+        "gradient added in place into the base's). hook path (before): the package's previous design, still what "
+        "linears with their own forward get (`adapter.reroute(fused=False)`): a forward hook whose hand-written "
+        "node updates the output in place and returns its own input gradient for autograd to add. "
         "plain-autograd hook (before): bench/autograd_hook.py, the hook the package had before "
         "tinylora_verl/ops.py (same math, one autograd node per op, out-of-place add, x V per module). "
         "hook_dtype=activation: the package option that runs the adapter math in the model's dtype (bf16/fp16 "

@@ -116,6 +116,8 @@ def headline(sections: dict[str, Section]) -> list[str]:
                     f"(goal ≤ {ov.summary['goal']}: {'met' if c['ours_meets_goal'] else 'MISSED'}), "
                     f"peft TinyLoRA {pr:.3f}x [CPU {cr[overhead.PEFT_TINY]:.3f}x] "
                     f"({'ours below' if c['ours_below_peft_tinylora'] else 'ours NOT below'})")
+            if overhead.HOOK in r:
+                line += f", hook path (before) {r[overhead.HOOK]:.3f}x"
             if overhead.AUTOGRAD in r:
                 line += f", plain-autograd hook (before) {r[overhead.AUTOGRAD]:.3f}x"
             if overhead.OURS_ACT in r:

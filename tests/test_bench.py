@@ -50,7 +50,8 @@ def test_overhead_structure():
     sec = overhead.run(factory, dtypes=(torch.float32, torch.bfloat16), batches=(1,), seq_len=8, repeats=1,
                        warmup=0, budget=BUDGET, full_ft=True, before=True, progress=None)
     check_section(sec, "overhead")
-    names = {overhead.BASE, overhead.OURS, overhead.PEFT_TINY, overhead.PEFT_LORA, overhead.FULL_FT, overhead.AUTOGRAD}
+    names = {overhead.BASE, overhead.OURS, overhead.PEFT_TINY, overhead.PEFT_LORA, overhead.FULL_FT, overhead.AUTOGRAD,
+             overhead.HOOK}
     assert len(sec.rows) == 2 * len(names) + 1  # hook_dtype=activation applies to bf16 only
     assert {r[2] for r in sec.rows} == names | {overhead.OURS_ACT}
     bf16 = [c for c in sec.summary["cases"] if c["dtype"] == "bfloat16"][0]

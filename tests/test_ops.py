@@ -1,13 +1,12 @@
-"""The hand-written forward/backward of the adapter update, against autograd through the dense formula."""
+"""The fused TinyLoRA linear and the hook's update, against autograd through the dense formula."""
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from tests.conftest import tiny_causal_lm
-from tinylora_verl import TinyLoRAConfig, inject_tinylora
 from tinylora_verl.factors import mix
-from tinylora_verl.ops import (add_low_rank_update, add_projected_low_rank_update, factor_layouts, input_projection,
-                                shared_input_groups)
+from tinylora_verl.ops import (TinyLoRALinear, add_low_rank_update, factor_layouts, shared_input_groups,
+                               shared_projection, tinylora_linear)
 
 
 def factors(out_f, in_f, u, r, seed, dtype=torch.float32):
@@ -20,51 +19,72 @@ def factors(out_f, in_f, u, r, seed, dtype=torch.float32):
     return U, S, V, P, v
 
 
-def update(variant, y, x, v, U, S, V, P, dtype=torch.float32):
-    """The hook's two paths: ``shared`` gets ``h = x V`` from :func:`input_projection` (as q/k/v and gate/up do),
-    ``projected`` projects x inside the node."""
+def adapted(variant, x, W, b, v, U, S, V, P, dtype=torch.float32):
+    """``x (W + ΔW)ᵀ + b`` three ways: ``fused`` (the node projects x), ``shared`` (``h = x V`` given, as q/k/v
+    and gate/up get it), ``hook`` (the base linear through autograd, then the in-place update)."""
     layout = factor_layouts(U, S, V, P, dtype)
+    if variant == "fused":
+        return tinylora_linear(x, W, b, v, layout)
     if variant == "shared":
-        return add_low_rank_update(y, input_projection(x, layout.Vt, dtype), v, layout)
-    return add_projected_low_rank_update(y, x, v, layout)
+        return tinylora_linear(x, W, b, v, layout, shared_projection(x, layout.Vt))
+    return add_low_rank_update(F.linear(x, W, b), x, v, layout)
 
 
-VARIANTS = ["shared", "projected"]
-# (case, batch shape, out, in, u, r); rows of 512 floats take the addcmul_ path in float32 on the CPU.
-SHAPES = [("2d", (7,), 5, 6, 1, 2), ("3d", (2, 5), 9, 4, 3, 2), ("r1", (3, 4), 6, 6, 2, 1), ("r3", (11,), 8, 10, 4, 3),
-          ("rows512", (2, 3), 512, 6, 2, 2)]
+def dense_reference(x, W, b, v, U, S, V, P):
+    """``x (W + U diag(S) Σ vᵢPᵢ Vᵀ)ᵀ + b``, differentiable by autograd in whatever dtype it is given."""
+    M = (v[:, None, None] * P).sum(0)  # (r, r)
+    y = x @ (W + U @ torch.diag(S) @ M @ V.T).T  # (..., out)
+    return y if b is None else y + b
+
+
+VARIANTS = ["fused", "shared", "hook"]
+# (case, batch shape, out, in, u, r, bias); rows of 512 floats take the addcmul_ path in float32 on the CPU.
+SHAPES = [("2d", (7,), 5, 6, 1, 2, False), ("3d", (2, 5), 9, 4, 3, 2, True), ("r1", (3, 4), 6, 6, 2, 1, False),
+          ("r3", (11,), 8, 10, 4, 3, True), ("rows512", (2, 3), 512, 6, 2, 2, False),
+          ("in512", (2, 3), 6, 512, 2, 2, True)]
+
+
+def inputs(lead, out_f, in_f, bias, seed, dtype):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(*lead, in_f, generator=gen, dtype=dtype)
+    W = torch.randn(out_f, in_f, generator=gen, dtype=dtype) / in_f**0.5
+    b = torch.randn(out_f, generator=gen, dtype=dtype) if bias else None
+    g = torch.randn(*lead, out_f, generator=gen, dtype=dtype)
+    return x, W, b, g
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("case, lead, out_f, in_f, u, r", SHAPES, ids=[s[0] for s in SHAPES])
-def test_update_passes_gradcheck(case, lead, out_f, in_f, u, r, variant):
+@pytest.mark.parametrize("case, lead, out_f, in_f, u, r, bias", SHAPES, ids=[s[0] for s in SHAPES])
+def test_adapted_linear_passes_gradcheck(case, lead, out_f, in_f, u, r, bias, variant):
+    """float64 gradcheck in x and v, and (fused only: the hook's base is autograd's own) in W and b."""
     U, S, V, P, v = factors(out_f, in_f, u, r, seed=1, dtype=torch.float64)
-    gen = torch.Generator().manual_seed(2)
-    y0 = torch.randn(*lead, out_f, generator=gen, dtype=torch.float64, requires_grad=True)
-    x = torch.randn(*lead, in_f, generator=gen, dtype=torch.float64, requires_grad=True)
-    v.requires_grad_(True)
+    x, W, b, _ = inputs(lead, out_f, in_f, bias, seed=2, dtype=torch.float64)
+    if in_f * out_f > 2000:
+        x = x[..., :1, :] if x.dim() > 2 else x[:2]  # keeps the numerical Jacobian small
+    train_base = variant == "fused"
+    args = [t.requires_grad_(True) for t in (x, v, W) if t is not None]
+    if b is not None:
+        args.append(b.requires_grad_(train_base))
+    W.requires_grad_(train_base)
 
-    def f(y0, x, v):
-        # y0 * 1 keeps the in-place update off a leaf, as a linear's output is in the model.
-        return update(variant, y0 * 1, x, v, U, S, V, P, torch.float64)
+    def f(x, v, W, *b):
+        return adapted(variant, x, W, b[0] if b else None, v, U, S, V, P, torch.float64)
 
-    assert torch.autograd.gradcheck(f, (y0, x, v))
+    assert torch.autograd.gradcheck(f, tuple(args))
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("case, lead, out_f, in_f, u, r", SHAPES, ids=[s[0] for s in SHAPES])
-def test_update_matches_the_dense_formula_in_float64(case, lead, out_f, in_f, u, r, variant):
-    """float32 forward and gradients against ``y + x (U diag(S) Σ vᵢPᵢ Vᵀ)ᵀ`` differentiated by autograd in float64."""
+@pytest.mark.parametrize("case, lead, out_f, in_f, u, r, bias", SHAPES, ids=[s[0] for s in SHAPES])
+def test_adapted_linear_matches_the_dense_formula_in_float64(case, lead, out_f, in_f, u, r, bias, variant):
+    """float32 forward and gradients against the dense formula differentiated by autograd in float64."""
     U, S, V, P, v = factors(out_f, in_f, u, r, seed=3)
-    gen = torch.Generator().manual_seed(4)
-    y0, x, g = (torch.randn(*lead, n, generator=gen) for n in (out_f, in_f, out_f))
+    x, W, b, g = inputs(lead, out_f, in_f, bias, seed=4, dtype=torch.float32)
     xs, vs = x.clone().requires_grad_(True), v.clone().requires_grad_(True)
-    got = update(variant, y0.clone(), xs, vs, U, S, V, P)
+    got = adapted(variant, xs, W, b, vs, U, S, V, P)
     got.backward(g)
     xd, vd = x.double().requires_grad_(True), v.double().requires_grad_(True)
-    M = (vd[:, None, None] * P.double()).sum(0)  # (r, r)
-    dW = U.double() @ torch.diag(S.double()) @ M @ V.double().T  # (out, in)
-    ref = y0.double() + xd @ dW.T
+    ref = dense_reference(xd, W.double(), None if b is None else b.double(), vd, U.double(), S.double(),
+                          V.double(), P.double())
     ref.backward(g.double())
     torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(xs.grad.double(), xd.grad, rtol=1e-5, atol=1e-5)
@@ -74,32 +94,77 @@ def test_update_matches_the_dense_formula_in_float64(case, lead, out_f, in_f, u,
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_bf16_output_gets_the_float32_update_cast_once(variant):
     U, S, V, P, v = factors(6, 5, 2, 2, seed=5)
-    gen = torch.Generator().manual_seed(6)
-    y0, x = torch.randn(4, 6, generator=gen).bfloat16(), torch.randn(4, 5, generator=gen).bfloat16()
-    got = update(variant, y0.clone(), x, v, U, S, V, P)
-    want = y0 + ((x.float() @ V) @ (S[:, None] * mix(v, P)).T @ U.T).bfloat16()
+    x, W, _, _ = inputs((4,), 6, 5, False, seed=6, dtype=torch.float32)
+    x, W = x.bfloat16(), W.bfloat16()
+    got = adapted(variant, x, W, None, v, U, S, V, P)
+    want = F.linear(x, W) + ((x.float() @ V) @ (S[:, None] * mix(v, P)).T @ U.T).bfloat16()
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
+def test_under_autocast_the_base_is_autocasts_linear_and_the_update_float32(variant, bias):
+    """Under CPU autocast: the output is autocast's own bf16 linear plus the float32 ΔW·x cast once, bit for bit;
+    x's gradient is autocast's linear backward plus ΔW's float32 term."""
+    U, S, V, P, v = factors(12, 10, 2, 2, seed=7)
+    x, W, b, g = inputs((3, 4), 12, 10, bias, seed=8, dtype=torch.float32)
+    g = g.bfloat16()
+    xs, xr = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = adapted(variant, xs, W, b, v, U, S, V, P)
+        base = F.linear(xr, W, b)
+    want = base + ((xr @ V) @ (S[:, None] * mix(v, P)).T @ U.T).bfloat16()
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    got.backward(g)
+    want.backward(g)
+    torch.testing.assert_close(xs.grad, xr.grad, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("case, needs", [("x-only", (True, False)), ("v-only", (False, True)), ("both", (True, True))])
+def test_fused_backward_computes_only_what_is_needed(case, needs):
+    U, S, V, P, v = factors(7, 6, 2, 2, seed=9)
+    x, W, _, g = inputs((5,), 7, 6, False, seed=10, dtype=torch.float32)
+    x.requires_grad_(needs[0])
+    v.requires_grad_(needs[1])
+    adapted("fused", x, W, None, v, U, S, V, P).backward(g)
+    assert (x.grad is not None) == needs[0] and (v.grad is not None) == needs[1]
+    assert W.grad is None
+
+
+def test_fused_linear_is_one_node_feeding_x_directly():
+    """The base linear and the update are one autograd node whose input gradient goes straight to x: no separate
+    base-linear node whose input gradient autograd would have to add to the update's."""
+    U, S, V, P, v = factors(7, 6, 2, 2, seed=11)
+    x, W, _, _ = inputs((2, 5), 7, 6, False, seed=12, dtype=torch.float32)
+    x0 = x.clone().requires_grad_(True)
+    xin = x0 * 2.0
+    y = adapted("fused", xin, W, None, v.requires_grad_(True), U, S, V, P)
+    assert type(y.grad_fn).__name__ == f"{TinyLoRALinear.__name__}Backward"
+    nexts = [fn for fn, _ in y.grad_fn.next_functions if fn is not None]
+    assert nexts[0] is xin.grad_fn and len(nexts) == 2  # x and v: W and the layout take no gradient
+
+
 def test_layout_is_the_transposed_factors_and_the_flattened_core():
-    U, S, V, P, v = factors(7, 5, 3, 2, seed=9)
+    U, S, V, P, v = factors(7, 512, 3, 2, seed=13)
     layout = factor_layouts(U, S, V, P, torch.bfloat16)
     assert layout.Ut.dtype == layout.Vt.dtype == torch.bfloat16 and layout.PSt.dtype == torch.float32
     assert layout.Ut.is_contiguous() and layout.Vt.is_contiguous()
     torch.testing.assert_close(layout.Ut, U.T.bfloat16())
     torch.testing.assert_close(layout.Vt, V.T.bfloat16())
     torch.testing.assert_close((layout.PSt @ v).view(2, 2), (S[:, None] * mix(v, P)).T)
+    assert not layout.in_by_columns  # bf16 GEMMs have no 512-float dip
+    assert factor_layouts(U, S, V, P, torch.float32)[3:] == (False, True)
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_in_place_update_of_a_saved_tensor_is_caught(variant):
-    """The update is in place; autograd must refuse it when an earlier op saved the output for its backward."""
-    U, S, V, P, v = factors(4, 3, 1, 2, seed=7)
-    x = torch.randn(5, 3, generator=torch.Generator().manual_seed(8), requires_grad=True)
+def test_hook_update_of_a_saved_tensor_is_caught():
+    """The hook's update is in place; autograd must refuse it when an earlier op saved the output."""
+    U, S, V, P, v = factors(4, 3, 1, 2, seed=14)
+    x = torch.randn(5, 3, generator=torch.Generator().manual_seed(15), requires_grad=True)
     y = x @ torch.ones(3, 4)
     z = y * y  # mul saves y for its backward
-    update(variant, y, x, v.requires_grad_(True), U, S, V, P)
+    add_low_rank_update(y, x, v.requires_grad_(True), factor_layouts(U, S, V, P, torch.float32))
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         (z.sum() + y.sum()).backward()
 
@@ -120,103 +185,10 @@ def test_shared_input_groups(case, names, expected):
     assert sorted(shared_input_groups(names)) == sorted(expected)
 
 
-# (model dtype, hook_dtype, v-gradient rtol): in bf16 the shared GEMM rounds the input gradient once instead
-# of once per module, so the gradients agree only to bf16 precision accumulated over the layers.
-SHARING = [(torch.float32, "float32", 1e-5), (torch.bfloat16, "float32", 3e-2), (torch.bfloat16, "activation", 5e-2)]
-
-
-@pytest.mark.parametrize("dtype, hook_dtype, rtol", SHARING, ids=["fp32", "bf16", "bf16-activation"])
-def test_shared_projection_is_exact_and_released(dtype, hook_dtype, rtol):
-    """q/k/v and gate/up share x V in one GEMM: same logits and v-gradients as one GEMM per module, and the
-    cache holds no input after the forward."""
-    results = []
-    for share in (True, False):
-        model = tiny_causal_lm("llama").to(dtype)
-        adapter = inject_tinylora(model, TinyLoRAConfig(tie_size=3, u=2, init="normal", init_std=0.3, hook_dtype=hook_dtype))
-        if not share:
-            adapter._siblings = {}
-            for h in adapter._hooks:
-                h.remove()
-            adapter._hooks = [m.register_forward_hook(adapter._make_hook(n)) for n, m in adapter._modules_by_name.items()]
-        else:
-            assert len(adapter._siblings) == 2 * 5  # 2 layers x (q, k, v, gate, up)
-        ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(1))
-        logits = model(input_ids=ids).logits.float()
-        logits.square().mean().backward()
-        assert adapter._shared_inputs == {}
-        results.append((logits.detach(), [p.grad.clone() for p in adapter.parameters()]))
-    (l1, g1), (l2, g2) = results
-    torch.testing.assert_close(l1, l2, rtol=rtol, atol=1e-5)
-    for a, b in zip(g1, g2):
-        torch.testing.assert_close(a, b, rtol=rtol, atol=1e-6)
-
-
-def test_siblings_fed_different_inputs_fall_back_to_their_own_projection():
-    """Sharing is decided by the identity of the input tensor: a model that feeds k another tensor than q still
-    gets each module's own ΔW·x."""
-    model = tiny_causal_lm("llama")
-    adapter = inject_tinylora(model, TinyLoRAConfig(tie_size=3, u=2, init="normal", init_std=0.3))
-    attn = model.model.layers[0].self_attn
-    gen = torch.Generator().manual_seed(2)
-    xq, xk = torch.randn(5, 64, generator=gen), torch.randn(5, 64, generator=gen)
-    with torch.no_grad():
-        got = (attn.q_proj(xq), attn.k_proj(xk), attn.v_proj(xq))
-        want = [x @ (m.weight + adapter.delta_weight(n)).T for x, (n, m) in
-                zip((xq, xk, xq), ((f"model.layers.0.self_attn.{p}", getattr(attn, p)) for p in ("q_proj", "k_proj", "v_proj")))]
-    for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-    # The unmatched calls leave a cache entry behind, holding only a weak reference to its input.
-    entries = list(adapter._shared_inputs.values())
-    assert entries
-    del xq, xk
-    assert all(ref() is None for ref, _, _ in entries)
-
-
-@pytest.mark.parametrize("change", ["in-place", "replaced"])
-def test_cached_layouts_follow_the_factor_buffers(change):
-    """The hook's cached layouts (and the stacked q/k/v Vᵀ) are rebuilt when a factor buffer is written in place,
-    as a broadcast from rank 0 does, or replaced, as ``model.to(...)`` does."""
-    model = tiny_causal_lm("llama")
-    adapter = inject_tinylora(model, TinyLoRAConfig(tie_size=3, u=2, init="normal", init_std=0.3))
-    attn = model.model.layers[0].self_attn
-    names = [f"model.layers.0.self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj", "o_proj")]
-    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(3))
-
-    def check():
-        with torch.no_grad():
-            for name in names:  # q, k, v share one projection of the same x; o projects its own
-                mod = model.get_submodule(name)
-                torch.testing.assert_close(mod(x), x @ (mod.weight + adapter.delta_weight(name)).T, rtol=1e-5,
-                                           atol=1e-5)
-
-    check()
-    for mod in (attn.k_proj, attn.o_proj):
-        if change == "in-place":
-            mod.tinylora_V.mul_(-2.0)
-            mod.tinylora_S.add_(1.0)
-        else:
-            mod.tinylora_V = mod.tinylora_V * -2.0
-            mod.tinylora_S = mod.tinylora_S + 1.0
-    check()
-
-
-def test_hook_under_autocast_adds_the_float32_update_and_backpropagates():
-    """verl runs the actor's forward under autocast: the hook must still compute ΔW·x in float32 and cast it once
-    (not in the autocast dtype), and the backward must run (it failed on the bf16 activations autocast saved)."""
-    model = tiny_causal_lm("llama")
-    adapter = inject_tinylora(model, TinyLoRAConfig(tie_size=3, u=2, init="normal", init_std=0.3))
-    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(1))
+def test_shared_projection_is_outside_autograd_and_autocast():
+    Vt = torch.randn(4, 6, generator=torch.Generator().manual_seed(16))
+    x = torch.randn(2, 3, 6, generator=torch.Generator().manual_seed(17), requires_grad=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        logits = model(input_ids=ids).logits
-    logits.float().square().mean().backward()
-    assert all(p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
-               for p in adapter.parameters())
-    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(2))
-    for name in ("model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.o_proj"):  # shared, own projection
-        mod = model.get_submodule(name)
-        with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
-            got = mod(x)
-            with adapter.disable_adapter():
-                base = mod(x)
-        assert got.dtype == base.dtype == torch.bfloat16
-        torch.testing.assert_close(got, base + (x @ adapter.delta_weight(name).T).bfloat16(), rtol=0, atol=0)
+        h = shared_projection(x, Vt)
+    assert h.dtype == torch.float32 and not h.requires_grad and h.shape == (6, 4)
+    torch.testing.assert_close(h, x.detach().reshape(6, 6) @ Vt.T)

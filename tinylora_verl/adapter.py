@@ -1,10 +1,9 @@
-"""Injecting TinyLoRA into a model: forward hooks, shared vectors, ΔW and the merged per-tensor stream.
+"""Injecting TinyLoRA into a model: shared vectors, ΔW and the merged per-tensor stream.
 
-The base model is never modified: each target ``nn.Linear`` gets non-persistent float32 buffers
-``tinylora_U`` (out, r), ``tinylora_S`` (r,), ``tinylora_V`` (in, r), ``tinylora_P`` (u, r, r) and a forward
-hook that adds ``((x V)(Σ M)ᵀ Uᵀ)`` to the layer's output in place, with ``M = Σᵢ vᵢ Pᵢ`` (the arithmetic and
-its hand-written backward are in :mod:`tinylora_verl.ops`; q/k/v and gate/up share one ``x V`` GEMM when they
-receive the same input tensor). Non-persistent buffers keep
+The base weights are never modified: each target ``nn.Linear`` gets non-persistent float32 buffers
+``tinylora_U`` (out, r), ``tinylora_S`` (r,), ``tinylora_V`` (in, r), ``tinylora_P`` (u, r, r), and its calls
+compute ``x (W + ΔW)ᵀ`` as ``x Wᵀ + (x V)(Σ M)ᵀ Uᵀ`` with ``M = Σᵢ vᵢ Pᵢ`` (:mod:`tinylora_verl.forward` routes the
+call, :mod:`tinylora_verl.ops` does the arithmetic and its hand-written backward). Non-persistent buffers keep
 ``state_dict()`` names and contents exactly those of the base checkpoint, so every consumer of HF names (vLLM's
 loader, ``save_pretrained``) sees the original model. The trainable vectors live on the returned
 :class:`TinyLoRAAdapter`, outside the model tree, one ``nn.Parameter`` per tie group.
@@ -17,7 +16,6 @@ import dataclasses
 import hashlib
 import logging
 import time
-import weakref
 from typing import Iterable, Iterator, Optional
 
 import torch
@@ -25,8 +23,7 @@ from torch import nn
 
 from .config import SIGN_CONVENTION, TinyLoRAConfig
 from .factors import dense_delta, mix, projections, top_r_svd_batch
-from .ops import (FactorLayout, add_low_rank_update, add_projected_low_rank_update, factor_layouts, input_projection,
-                  shared_input_groups)
+from .forward import AdapterForwards
 from .tying import TiePlan, build_tie_plan, canonical_order, plan_budget
 
 logger = logging.getLogger(__name__)
@@ -123,78 +120,9 @@ class TinyLoRAAdapter(nn.Module):
             vectors.append(nn.Parameter(v.to(device=device, dtype=dtype)))
         self.vectors = nn.ParameterList(vectors)
         self.enabled = True
-        self._siblings = {n: (tuple(g), i) for g in shared_input_groups(plan.module_names) for i, n in enumerate(g)}
-        self._shared_inputs: dict[str, tuple] = {}
-        self._layouts: dict[tuple[str, torch.dtype], tuple] = {}
-        self._stacked_vt: dict[tuple[str, torch.dtype], tuple] = {}
         # Only a rank holding real weights can fingerprint them; verl saves adapters from rank 0, which does.
         self.fingerprint = "" if on_meta else weight_fingerprint(self._modules_by_name)
-        self._hooks = [m.register_forward_hook(self._make_hook(n)) for n, m in self._modules_by_name.items()]
-
-    # ------------------------------------------------------------------ forward
-    def _make_hook(self, name: str):
-        vectors, group_key = self.vectors._parameters, str(self._group_index[name])
-        in_activation_dtype = self.config.hook_dtype == "activation"
-        siblings, position = self._siblings.get(name, ((name,), 0))
-        key = siblings[0]
-
-        def hook(module: nn.Linear, args, output):
-            """``output + x V (Σ M)ᵀ Uᵀ``, i.e. ``x (W + ΔW)ᵀ`` with ``ΔW = U Σ M Vᵀ``, ``M = Σᵢ vᵢ Pᵢ``."""
-            if not self.enabled:
-                return output
-            x = args[0]
-            if torch.is_autocast_enabled(x.device.type):
-                # Under autocast (verl's actor forward) every GEMM would run in the autocast dtype whatever
-                # hook_dtype says, and save bf16 activations for a float32 backward: the hook picks its own dtype.
-                with torch.autocast(x.device.type, enabled=False):
-                    return update(module, x, output)
-            return update(module, x, output)
-
-        def update(module: nn.Linear, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
-            # float32 by default; bf16/fp16 thin GEMMs (float32 accumulation inside) with hook_dtype=activation.
-            dt = output.dtype if in_activation_dtype and output.dtype != torch.float32 else torch.float32
-            layout = self._layout(name, module, dt)
-            # Read the vector from the list's dict each call (not a cached object): FSDP swaps parameter tensors.
-            v = vectors[group_key]
-            if len(siblings) == 1:
-                return add_projected_low_rank_update(output, x, v, layout)
-            r = layout.Ut.shape[0]
-            h = self._shared_projection(key, siblings, x, dt)[:, position * r:(position + 1) * r]  # (tokens, r)
-            return add_low_rank_update(output, h, v, layout)
-
-        return hook
-
-    def _layout(self, name: str, module: nn.Module, dt: torch.dtype) -> FactorLayout:
-        """``module`` 's factors laid out for the hook in ``dt``, rebuilt whenever a factor buffer is replaced
-        (``model.to(...)``) or written in place (a broadcast from rank 0), as their identity and version say."""
-        b = module._buffers
-        U, S, V, P = b["tinylora_U"], b["tinylora_S"], b["tinylora_V"], b["tinylora_P"]
-        versions = (U._version, S._version, V._version, P._version)
-        hit = self._layouts.get((name, dt))
-        if (hit is None or hit[2] != versions or hit[1][0] is not U or hit[1][1] is not S or hit[1][2] is not V
-                or hit[1][3] is not P):
-            hit = (factor_layouts(U, S, V, P, dtype=dt), (U, S, V, P), versions)
-            self._layouts[(name, dt)] = hit
-        return hit[0]
-
-    def _shared_projection(self, key: str, siblings: tuple[str, ...], x: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
-        """``x [V₁ … V_k]`` (tokens, k·r) for modules that read the same ``x``, computed by the first of them to
-        run and reused by the others. Identity of the input tensor, not names, decides reuse. The entry is dropped
-        once every sibling has its slice and holds x only weakly; an entry left by siblings fed different inputs
-        keeps just its (tokens, k·r) projection (and, with grad on, its graph until backward)."""
-        cached = self._shared_inputs.get(key)
-        if cached is None or cached[0]() is not x or cached[1].dtype != dt:
-            layouts = tuple(self._layout(n, self._modules_by_name[n], dt) for n in siblings)
-            stacked = self._stacked_vt.get((key, dt))
-            if stacked is None or any(a is not b for a, b in zip(stacked[0], layouts)):
-                stacked = (layouts, torch.cat([lay.Vt for lay in layouts], dim=0))  # (k·r, in)
-                self._stacked_vt[(key, dt)] = stacked
-            cached = (weakref.ref(x), input_projection(x, stacked[1], dt), [len(siblings)])
-            self._shared_inputs[key] = cached
-        cached[2][0] -= 1
-        if cached[2][0] == 0:
-            del self._shared_inputs[key]
-        return cached[1]
+        self._forwards = AdapterForwards(self)
 
     @contextlib.contextmanager
     def disable_adapter(self):
@@ -209,6 +137,21 @@ class TinyLoRAAdapter(nn.Module):
     @property
     def module_names(self) -> list[str]:
         return list(self._modules_by_name)
+
+    def named_adapted_modules(self) -> Iterator[tuple[str, nn.Linear]]:
+        return iter(self._modules_by_name.items())
+
+    def reroute(self, fused: bool = True, share_inputs: bool = True) -> None:
+        """Re-install the modules' forwards: ``fused=False`` puts every module on the hook path (what linears with
+        their own forward get), ``share_inputs=False`` gives each module its own ``x V`` GEMM. For comparisons
+        (tests, the overhead benchmark); the defaults are what :func:`inject_tinylora` installs."""
+        self._forwards.remove()
+        self._forwards = AdapterForwards(self, fused=fused, share_inputs=share_inputs)
+
+    def forward_mode(self, name: str) -> Optional[str]:
+        """How module ``name`` runs: ``"fused"`` (its forward is the TinyLoRA linear), ``"hook"`` (its own forward
+        plus a hook adding ΔW·x: linears that are not a plain ``nn.Linear``), or None after :meth:`remove`."""
+        return self._forwards.mode_of(self._check_name(name))
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return list(self.vectors)
@@ -359,12 +302,8 @@ class TinyLoRAAdapter(nn.Module):
         export_lora(self, path, dtype=dtype)
 
     def remove(self) -> None:
-        """Remove hooks and buffers: the model is exactly the base model again."""
-        for h in self._hooks:
-            h.remove()
-        self._hooks = []
-        self._layouts.clear()
-        self._stacked_vt.clear()
+        """Remove forwards, hooks and buffers: the model is exactly the base model again."""
+        self._forwards.remove()
         for m in self._modules_by_name.values():
             for b in _BUFFERS:
                 if hasattr(m, b):

@@ -1,21 +1,24 @@
-"""The adapter's forward/backward arithmetic: ΔW·x added to a linear's output in place, with a hand-written backward.
+"""The adapter's arithmetic: an adapted linear as one autograd node, with a hand-written backward.
 
-For one adapted linear with input ``x`` and base output ``y = x Wᵀ (+ b)``::
+For one adapted linear with input ``x`` (tokens, in) and frozen ``W`` (out, in)::
 
-    h  = x V                      (tokens, r)      shared by modules that read the same x (q/k/v, gate/up)
-    y ← y + h (Σ M)ᵀ Uᵀ           (tokens, out)    M = Σᵢ vᵢ Pᵢ, ΔW = U Σ M Vᵀ
+    h  = x V                          (tokens, r)      shared by modules that read the same x (q/k/v, gate/up)
+    y  = x Wᵀ + b + h (Σ M)ᵀ Uᵀ       (tokens, out)    M = Σᵢ vᵢ Pᵢ, ΔW = U Σ M Vᵀ
 
-Why not plain autograd: every op of the hook becomes an autograd node and its own pass over a (tokens, out) or
-(tokens, in) tensor. The overhead benchmark (bench/overhead.py) is bound by those passes and by per-op dispatch,
-not by FLOPs (the GEMMs are rank r = 2). Here the update is one in-place ``addmm_`` (no (tokens, out) temporary,
-no separate add), ``(Σ M)ᵀ`` is one matrix-vector product outside autograd (from a :class:`FactorLayout` the
-adapter caches per module), the backward is three thin GEMMs, a tie of modules reading one input computes
-``x [V₁ V₂ V₃]`` as one GEMM (and, in backward, one rank-3r update of the input gradient instead of three rank-r
-updates and two adds), and a module that shares no input projects it inside the same node.
+:class:`TinyLoRALinear` computes the base linear and the update in one node, and in backward adds the update's
+input gradient ``gU (Σ M) Vᵀ`` in place into the base's own ``g W``. A forward hook cannot do that: the base
+linear's node makes its own input gradient and autograd adds the adapter's (tokens, in) term to it out of place,
+one more activation-sized tensor and pass per module (on the CPU also fresh pages: ~20 ms of a SmolLM2 step at
+256 tokens went to the 30 down_proj inputs alone). :class:`AddLowRankUpdate` is that hook's op, kept for linears
+whose forward is not ``nn.Linear.forward`` (subclasses, wrappers such as accelerate's), which must run their own.
 
-Layout: the thin factors enter every GEMM as ``(r, dim)`` row-major (``Vᵀ``, ``Uᵀ``), i.e. as the transposed
-operand. With torch 2.13's CPU BLAS a (tokens, dim) x (dim, 2) product is ~4x faster that way than with the
-(dim, 2) factor contiguous (16 vs 65 µs at 256 x 576; bench/overhead.py measures the whole effect).
+Why not plain autograd: every op of the update would be its own node and its own pass over a (tokens, out) or
+(tokens, in) tensor; the overhead benchmark (bench/overhead.py) is bound by those passes and by per-op dispatch,
+not by FLOPs (the GEMMs are rank r = 2). Here the update is one in-place ``addmm_``, ``(Σ M)ᵀ`` is one
+matrix-vector product (from a :class:`FactorLayout` the adapter caches per module), and the backward is three thin
+GEMMs. Layout: the thin factors enter every GEMM as ``(r, dim)`` row-major (``Vᵀ``, ``Uᵀ``), the transposed
+operand; with torch 2.13's CPU BLAS a (tokens, dim) x (dim, 2) product is ~4x faster that way than with the
+(dim, 2) factor contiguous (16 vs 65 µs at 256 x 576).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ SHARED_INPUT_TYPES = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 def shared_input_groups(names: list[str]) -> list[list[str]]:
     """Groups of ≥ 2 module names under one parent whose types appear together in :data:`SHARED_INPUT_TYPES`.
 
-    Only a candidate: the hooks still check at run time that the modules received the very same tensor.
+    Only a candidate: the forward still checks at run time that the modules received the very same tensor.
     """
     by_parent: dict[tuple[str, int], list[str]] = {}
     for name in names:
@@ -45,17 +48,26 @@ def shared_input_groups(names: list[str]) -> list[list[str]]:
 
 
 class FactorLayout(NamedTuple):
-    """A module's frozen factors laid out for the hook, in the dtype the update is computed in.
+    """A module's frozen factors laid out for the forward, in the dtype the update is computed in.
 
     ``Ut = Uᵀ`` (r, out) and ``Vt = Vᵀ`` (r, in) contiguous; ``PSt`` (r·r, u) float32 with
     ``PSt @ v = vec((Σ M)ᵀ)``, ``PSt[(k, j), i] = Sⱼ (Pᵢ)ⱼₖ``, so the mixed core is one matrix-vector product.
-    ``by_columns``: add the update as r broadcast multiply-adds instead of one GEMM (see :func:`factor_layouts`).
+    ``out_by_columns`` / ``in_by_columns``: add the rank-r update to a row of ``out`` / ``in`` floats as r broadcast
+    multiply-adds instead of one GEMM (see :func:`factor_layouts`).
     """
 
     Ut: torch.Tensor
     Vt: torch.Tensor
     PSt: torch.Tensor
-    by_columns: bool
+    out_by_columns: bool
+    in_by_columns: bool
+
+
+def _by_columns(device: torch.device, dtype: torch.dtype, width: int) -> bool:
+    # MKL's float32 GEMM with K = r is ~3x slower on rows of a multiple of 512 floats (76 vs 21 µs at 256 x 1024,
+    # 70 vs 27 at 256 x 1536, 161 vs 53 at 256 x 3584; 7 vs 15 at 256 x 576): there r multiply-adds are faster.
+    # bf16 GEMMs have no such dip (24 vs 72 µs at 256 x 1536).
+    return device.type == "cpu" and dtype == torch.float32 and width % 512 == 0
 
 
 def factor_layouts(U: torch.Tensor, S: torch.Tensor, V: torch.Tensor, P: torch.Tensor,
@@ -63,10 +75,8 @@ def factor_layouts(U: torch.Tensor, S: torch.Tensor, V: torch.Tensor, P: torch.T
     """:class:`FactorLayout` from ``U`` (out, r), ``S`` (r,), ``V`` (in, r), ``P`` (u, r, r)."""
     u, r, _ = P.shape
     PSt = (S[None, :, None] * P).transpose(1, 2).reshape(u, r * r).T.contiguous()  # (r·r, u)
-    # MKL's float32 GEMM with K = r is ~3x slower on rows of a multiple of 512 floats (79 vs 30 µs at 256 x 1536,
-    # 179 vs 58 at 256 x 3584; 13 µs at 256 x 576 either way): there r broadcast multiply-adds are faster.
-    by_columns = U.device.type == "cpu" and dtype == torch.float32 and U.shape[0] % 512 == 0
-    return FactorLayout(U.T.to(dtype).contiguous(), V.T.to(dtype).contiguous(), PSt, by_columns)
+    return FactorLayout(U.T.to(dtype).contiguous(), V.T.to(dtype).contiguous(), PSt,
+                        _by_columns(U.device, dtype, U.shape[0]), _by_columns(V.device, dtype, V.shape[0]))
 
 
 def _core_t(v: torch.Tensor, PSt: torch.Tensor, r: int) -> torch.Tensor:
@@ -74,122 +84,160 @@ def _core_t(v: torch.Tensor, PSt: torch.Tensor, r: int) -> torch.Tensor:
     return torch.mv(PSt, v if v.dtype is PSt.dtype else v.to(PSt.dtype)).view(r, r)  # (r, r)
 
 
-def _add_rank_r_(y: torch.Tensor, h2d: torch.Tensor, core_t: torch.Tensor, Ut: torch.Tensor,
-                 by_columns: bool) -> None:
-    """``y ← y + h (Σ M)ᵀ Uᵀ`` in place, for ``y`` (..., out), ``h2d`` (tokens, r), ``Ut`` (r, out)."""
-    h2 = torch.mm(h2d, core_t if core_t.dtype is h2d.dtype else core_t.to(h2d.dtype))  # (tokens, r)
-    y2d = y.view(-1, y.shape[-1])  # (tokens, out)
-    if y.dtype is not Ut.dtype:
-        y2d.add_(torch.mm(h2, Ut).to(y.dtype))
+def _add_rank_r_(y2d: torch.Tensor, a: torch.Tensor, core: torch.Tensor, bt: torch.Tensor, by_columns: bool) -> None:
+    """``y ← y + (a core) bt`` in place, for ``y2d`` (tokens, n), ``a`` (tokens, r), ``core`` (r, r), ``bt`` (r, n).
+
+    The product is formed in ``bt`` 's dtype; into a ``y`` of another dtype it is cast once and added. (A
+    mixed-dtype ``add_`` of the float32 product, one rounding fewer, measured slower: 1.21x vs 1.16x bf16 overhead.)
+    """
+    a2 = torch.mm(a, core if core.dtype is a.dtype else core.to(a.dtype))  # (tokens, r)
+    if y2d.dtype is not bt.dtype:
+        y2d.add_(torch.mm(a2, bt).to(y2d.dtype))
     elif by_columns:
-        for j in range(h2.shape[1]):
-            y2d.addcmul_(h2[:, j:j + 1], Ut[j:j + 1])
+        for j in range(a2.shape[1]):
+            y2d.addcmul_(a2[:, j:j + 1], bt[j:j + 1])
     else:
-        y2d.addmm_(h2, Ut)
+        y2d.addmm_(a2, bt)
 
 
-def _grads(g: torch.Tensor, h2d: torch.Tensor, v_dtype: torch.dtype, PSt: torch.Tensor, Ut: torch.Tensor,
+def _project(x2d: torch.Tensor, Vt: torch.Tensor) -> torch.Tensor:
+    """``h = x V`` (tokens, k) in ``Vt`` 's dtype, from ``x2d`` (tokens, in) and ``Vt = Vᵀ`` (k, in)."""
+    return F.linear(x2d if x2d.dtype is Vt.dtype else x2d.to(Vt.dtype), Vt)
+
+
+def _grads(g2d: torch.Tensor, h2d: torch.Tensor, v_dtype: torch.dtype, PSt: torch.Tensor, Ut: torch.Tensor,
            need_v: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """``gU = g U`` (tokens, r) and ``∂L/∂v = PStᵀ vec(hᵀ gU)`` (u,), the latter in float32 then v's dtype."""
-    g2d = g.reshape(-1, g.shape[-1])  # (tokens, out)
-    gU = F.linear(g2d if g2d.dtype is Ut.dtype else g2d.to(Ut.dtype), Ut)  # (tokens, r)
+    gU = _project(g2d, Ut)  # (tokens, r)
     grad_v = None
     if need_v:
         f32 = PSt.dtype
-        grad_core = torch.mm(h2d.T.to(f32), gU.to(f32))  # (r, r)
-        grad_v = torch.mv(PSt.T, grad_core.view(-1))  # (u,) = ∂L/∂v from ∂L/∂(Σ M)ᵀ
+        grad_core = torch.mm(h2d.T.to(f32), gU.to(f32))  # (r, r) = ∂L/∂(Σ M)ᵀ
+        grad_v = torch.mv(PSt.T, grad_core.view(-1))  # (u,)
         if grad_v.dtype is not v_dtype:
             grad_v = grad_v.to(v_dtype)
     return gU, grad_v
 
 
-def _grad_h(gU: torch.Tensor, core_t: torch.Tensor) -> torch.Tensor:
-    """``∂L/∂h = gU (Σ M)`` (tokens, r)."""
-    return torch.mm(gU, core_t.T if core_t.dtype is gU.dtype else core_t.T.to(gU.dtype))
+def _autocast_cast(t: Optional[torch.Tensor], dtype: Optional[torch.dtype]) -> Optional[torch.Tensor]:
+    """What autocast hands a linear: floating tensors other than float64 cast to its dtype."""
+    if dtype is None or t is None or not t.is_floating_point() or t.dtype in (dtype, torch.float64):
+        return t
+    return t.to(dtype)
 
 
-class AddLowRankUpdate(torch.autograd.Function):
-    """``y ← y + h (Σ M)ᵀ Uᵀ`` in place, differentiable in ``y``, ``h`` and ``v``, for a given ``h = x V``.
+class TinyLoRALinear(torch.autograd.Function):
+    """``y = x Wᵀ + b + h (Σ M)ᵀ Uᵀ`` with ``h = x V`` (or a given ``h``, computed once for modules sharing x).
 
-    Forward in ``h``'s dtype: float32 (then cast once and added, as a float32 ΔW·x would be) or the output's own
-    dtype. Backward, with ``g = ∂L/∂y`` and ``gU = g U`` (tokens, r)::
+    The base linear runs as ``F.linear`` would, in ``cast_dtype`` when the caller runs under autocast (the
+    caller turns autocast off around this node: the update picks its own dtype). The update is computed in the
+    layout's dtype: float32 (then cast once and added, as a float32 ΔW·x would be) or the output's own dtype.
+    Backward, with ``g = ∂L/∂y`` and ``gU = g U`` (tokens, r)::
 
-        ∂L/∂h = gU (Σ M),   ∂L/∂(Σ M)ᵀ = hᵀ gU,   ∂L/∂vᵢ = Σⱼₖ Sⱼ (hᵀ gU)ₖⱼ (Pᵢ)ⱼₖ
+        ∂L/∂x = g W + gU (Σ M) Vᵀ    (the second term added in place into the first)
+        ∂L/∂vᵢ = Σⱼₖ Sⱼ (hᵀ gU)ₖⱼ (Pᵢ)ⱼₖ,    ∂L/∂W = gᵀ x,    ∂L/∂b = Σ g    (when they require grad)
 
-    ``y`` is updated in place and marked dirty, so autograd raises if anything had saved it for its backward.
+    A given ``h`` is taken as a constant (no gradient flows into it): x's gradient through ``h`` is the
+    ``gU (Σ M) Vᵀ`` term above, which this node adds itself.
     """
 
     @staticmethod
-    def forward(ctx, y: torch.Tensor, h: torch.Tensor, v: torch.Tensor, PSt: torch.Tensor, Ut: torch.Tensor,
-                by_columns: bool) -> torch.Tensor:
-        r = Ut.shape[0]
-        core_t = _core_t(v, PSt, r)  # (r, r)
-        h2d = h.reshape(-1, r)  # (tokens, r)
-        _add_rank_r_(y, h2d, core_t, Ut, by_columns)
-        ctx.mark_dirty(y)
-        # Only the activation goes through save_for_backward (and saved-tensor hooks such as offloading); the
-        # frozen, cached layout tensors and the r x r core are never written in place and are kept as they are.
-        ctx.save_for_backward(h2d)
-        ctx.consts = (v.dtype, PSt, Ut, core_t, h.shape)
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], v: torch.Tensor,
+                h: Optional[torch.Tensor], layout: FactorLayout, cast_dtype: Optional[torch.dtype]) -> torch.Tensor:
+        xb, wb, bb = (_autocast_cast(t, cast_dtype) for t in (x, weight, bias))
+        y = F.linear(xb, wb, bb)  # (..., out)
+        r = layout.Ut.shape[0]
+        core_t = _core_t(v, layout.PSt, r)  # (r, r)
+        if h is None:
+            h = _project(x.reshape(-1, x.shape[-1]), layout.Vt)  # (tokens, r)
+        _add_rank_r_(y.view(-1, y.shape[-1]), h, core_t, layout.Ut, layout.out_by_columns)
+        # Only activations (and the weight, as F.linear's own node keeps it) go through save_for_backward, so
+        # saved-tensor hooks (offloading, checkpointing) see them; the cached layout and the r x r core are
+        # never written in place and are kept as they are.
+        ctx.save_for_backward(h, wb, xb if ctx.needs_input_grad[1] else None)
+        ctx.consts = (layout, core_t, v.dtype, x.shape, x.dtype, weight.dtype, None if bias is None else bias.dtype)
         return y
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
-        (h2d,), (v_dtype, PSt, Ut, core_t, h_shape) = ctx.saved_tensors, ctx.consts
-        gU, grad_v = _grads(g, h2d, v_dtype, PSt, Ut, ctx.needs_input_grad[2])
-        grad_h = _grad_h(gU, core_t).view(h_shape) if ctx.needs_input_grad[1] else None  # h's shape
-        return g, grad_h, grad_v, None, None, None
-
-
-class AddProjectedLowRankUpdate(torch.autograd.Function):
-    """:class:`AddLowRankUpdate` with the projection ``h = x V`` inside, for a module that shares no input: one
-    autograd node instead of two, and ``∂L/∂x = gU (Σ M) Vᵀ`` from the same backward."""
-
-    @staticmethod
-    def forward(ctx, y: torch.Tensor, x: torch.Tensor, v: torch.Tensor, PSt: torch.Tensor, Ut: torch.Tensor,
-                Vt: torch.Tensor, by_columns: bool) -> torch.Tensor:
-        r = Ut.shape[0]
-        core_t = _core_t(v, PSt, r)  # (r, r)
-        x2d = x.reshape(-1, x.shape[-1])  # (tokens, in)
-        h2d = F.linear(x2d if x2d.dtype is Vt.dtype else x2d.to(Vt.dtype), Vt)  # (tokens, r)
-        _add_rank_r_(y, h2d, core_t, Ut, by_columns)
-        ctx.mark_dirty(y)
-        ctx.save_for_backward(h2d)
-        ctx.consts = (v.dtype, PSt, Ut, Vt, core_t, x.shape, x.dtype)
-        return y
-
-    @staticmethod
-    def backward(ctx, g: torch.Tensor):
-        (h2d,), (v_dtype, PSt, Ut, Vt, core_t, x_shape, x_dtype) = ctx.saved_tensors, ctx.consts
-        gU, grad_v = _grads(g, h2d, v_dtype, PSt, Ut, ctx.needs_input_grad[2])
-        grad_x = None
-        if ctx.needs_input_grad[1]:
-            grad_x = torch.mm(_grad_h(gU, core_t), Vt)  # (tokens, in)
+        (h, wb, xb), (layout, core_t, v_dtype, x_shape, x_dtype, w_dtype, b_dtype) = ctx.saved_tensors, ctx.consts
+        need_x, need_w, need_b, need_v = ctx.needs_input_grad[:4]
+        g2d = g.reshape(-1, g.shape[-1])  # (tokens, out)
+        grad_x = grad_w = grad_b = grad_v = None
+        if need_x or need_v:
+            gU, grad_v = _grads(g2d, h, v_dtype, layout.PSt, layout.Ut, need_v)
+        if need_x:
+            grad_x = torch.mm(g2d, wb)  # (tokens, in)
             if grad_x.dtype is not x_dtype:
                 grad_x = grad_x.to(x_dtype)
+            _add_rank_r_(grad_x, gU, core_t.T, layout.Vt, layout.in_by_columns)
             grad_x = grad_x.view(x_shape)
-        return g, grad_x, grad_v, None, None, None, None
+        if need_w:
+            grad_w = torch.mm(g2d.T, xb.reshape(-1, xb.shape[-1])).to(w_dtype)  # (out, in)
+        if need_b:
+            grad_b = g2d.sum(0).to(b_dtype)  # (out,)
+        return grad_x, grad_w, grad_b, grad_v, None, None, None
 
 
-def add_low_rank_update(y: torch.Tensor, h: torch.Tensor, v: torch.Tensor, layout: FactorLayout) -> torch.Tensor:
-    """Functional form of :class:`AddLowRankUpdate` (modifies ``y``)."""
-    return AddLowRankUpdate.apply(y, h, v, layout.PSt, layout.Ut, layout.by_columns)
+class AddLowRankUpdate(torch.autograd.Function):
+    """``y ← y + h (Σ M)ᵀ Uᵀ`` in place with ``h = x V``, for a forward hook on a linear that runs its own forward.
+
+    Same arithmetic as :class:`TinyLoRALinear`; here ``∂L/∂x = gU (Σ M) Vᵀ`` is returned as its own tensor for
+    autograd to add to the base linear's. ``y`` is marked dirty, so autograd raises if anything had saved it.
+    """
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor, x: torch.Tensor, v: torch.Tensor, layout: FactorLayout) -> torch.Tensor:
+        r = layout.Ut.shape[0]
+        core_t = _core_t(v, layout.PSt, r)  # (r, r)
+        h = _project(x.reshape(-1, x.shape[-1]), layout.Vt)  # (tokens, r)
+        _add_rank_r_(y.view(-1, y.shape[-1]), h, core_t, layout.Ut, layout.out_by_columns)
+        ctx.mark_dirty(y)
+        ctx.save_for_backward(h)
+        ctx.consts = (layout, core_t, v.dtype, x.shape, x.dtype)
+        return y
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        (h,), (layout, core_t, v_dtype, x_shape, x_dtype) = ctx.saved_tensors, ctx.consts
+        gU, grad_v = _grads(g.reshape(-1, g.shape[-1]), h, v_dtype, layout.PSt, layout.Ut, ctx.needs_input_grad[2])
+        grad_x = None
+        if ctx.needs_input_grad[1]:
+            grad_h = torch.mm(gU, core_t.T if core_t.dtype is gU.dtype else core_t.T.to(gU.dtype))  # (tokens, r)
+            grad_x = torch.mm(grad_h, layout.Vt).to(x_dtype).view(x_shape)  # (..., in)
+        return g, grad_x, grad_v, None
 
 
-def add_projected_low_rank_update(y: torch.Tensor, x: torch.Tensor, v: torch.Tensor,
-                                  layout: FactorLayout) -> torch.Tensor:
-    """Functional form of :class:`AddProjectedLowRankUpdate` (modifies ``y``)."""
-    return AddProjectedLowRankUpdate.apply(y, x, v, layout.PSt, layout.Ut, layout.Vt, layout.by_columns)
+def autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
+    """The autocast dtype in force for ``x`` 's device, or None."""
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
 
 
-def input_projection(x: torch.Tensor, Vt: torch.Tensor, dtype: Optional[torch.dtype]) -> torch.Tensor:
-    """``h = x V`` (tokens, k) from ``Vt = Vᵀ`` (k, in) contiguous, in ``dtype`` (default: float32), through plain
-    autograd (one GEMM node whose backward is the rank-k input-gradient update)."""
-    dt = dtype or torch.float32
-    x2d = x.reshape(-1, x.shape[-1])  # (tokens, in)
-    return F.linear(x2d.to(dt), Vt.to(dt))  # (tokens, k)
+def tinylora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], v: torch.Tensor,
+                    layout: FactorLayout, h: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Functional form of :class:`TinyLoRALinear`: ``F.linear(x, W + ΔW, b)``, under autocast too."""
+    adt = autocast_dtype(x)
+    if adt is None:
+        return TinyLoRALinear.apply(x, weight, bias, v, h, layout, None)
+    with torch.autocast(x.device.type, enabled=False):
+        return TinyLoRALinear.apply(x, weight, bias, v, h, layout, adt)
 
 
-__all__ = ["AddLowRankUpdate", "AddProjectedLowRankUpdate", "FactorLayout", "SHARED_INPUT_TYPES",
-           "add_low_rank_update", "add_projected_low_rank_update", "factor_layouts", "input_projection",
-           "shared_input_groups"]
+def add_low_rank_update(y: torch.Tensor, x: torch.Tensor, v: torch.Tensor, layout: FactorLayout) -> torch.Tensor:
+    """Functional form of :class:`AddLowRankUpdate` (modifies ``y``), with autocast off around it."""
+    if autocast_dtype(x) is None:
+        return AddLowRankUpdate.apply(y, x, v, layout)
+    with torch.autocast(x.device.type, enabled=False):
+        return AddLowRankUpdate.apply(y, x, v, layout)
+
+
+def shared_projection(x: torch.Tensor, Vt: torch.Tensor) -> torch.Tensor:
+    """``h = x [V₁ … V_k]`` (tokens, k·r) in ``Vt`` 's dtype from the stacked ``Vt`` (k·r, in), outside autograd
+    (each module's :class:`TinyLoRALinear` adds its own share of x's gradient) and outside autocast."""
+    with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+        return _project(x.reshape(-1, x.shape[-1]), Vt)
+
+
+__all__ = ["AddLowRankUpdate", "FactorLayout", "SHARED_INPUT_TYPES", "TinyLoRALinear", "add_low_rank_update",
+           "autocast_dtype", "factor_layouts", "shared_projection", "shared_input_groups", "tinylora_linear"]
