@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from . import e2e, fidelity, injection, overhead, profiling
-from .common import Section, log, machine_info, package_versions
+from .common import Section, log, machine_info, package_versions, steady_allocator
 
 SECTIONS = ("overhead", "injection", "fidelity", "profile", "e2e")
 
@@ -43,6 +43,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help=f"comma-separated sections among {','.join(SECTIONS)} (default: %(default)s; "
                         "e2e runs whenever --e2e-metrics is given)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    p.add_argument("--allocator", choices=("steady", "default"), default="steady",
+                   help="steady: fix glibc malloc's thresholds first (bench.common.steady_allocator), so page faults "
+                        "of fresh tensors do not depend on each process's history; default: leave glibc as it is")
     p.add_argument("--budget", type=int, default=13, help="TinyLoRA trainable scalars (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=None, help="timed rounds for overhead (fast 3, full 15)")
     p.add_argument("--warmup", type=int, default=None, help="untimed rounds for overhead (fast 1, full 2)")
@@ -112,8 +115,9 @@ def headline(sections: dict[str, Section]) -> list[str]:
             ours = r[overhead.OURS]
             cr = c["cpu_paired_ratio"]
             line = (f"overhead {c['dtype']} {c['batch']}x{c['seq_len']}: TinyLoRA {ours:.3f}x base "
-                    f"[CPU time {cr[overhead.OURS]:.3f}x] "
-                    f"(goal ≤ {ov.summary['goal']}: {'met' if c['ours_meets_goal'] else 'MISSED'}), "
+                    f"[min ratio {c['min_ratio'][overhead.OURS]:.3f}x, CPU time {cr[overhead.OURS]:.3f}x] "
+                    f"(goal ≤ {ov.summary['goal']}: {'met' if c['ours_meets_goal'] else 'MISSED'}; noise control "
+                    f"{c['control']['paired_ratio']:.3f}x, min {c['control']['min_ratio']:.3f}x), "
                     f"peft TinyLoRA {pr:.3f}x [CPU {cr[overhead.PEFT_TINY]:.3f}x] "
                     f"({'ours below' if c['ours_below_peft_tinylora'] else 'ours NOT below'})")
             if overhead.HOOK in r:
@@ -186,6 +190,7 @@ def main(argv=None) -> int:
     # under an hour (every layer has the same shapes and spectrum model; --qwen-layers 28 measures them all).
     qwen_layers = args.qwen_layers or (1 if fast else 3)
     info = machine_info() | {f"{k} version": v for k, v in package_versions().items()}
+    info["allocator"] = steady_allocator() if args.allocator == "steady" else "default (glibc's own tuning)"
     log(f"start ({'fast' if fast else 'full'} mode): {command}")
     load, cores = machine_load()
     if load > cores and torch.get_num_threads() > 1:

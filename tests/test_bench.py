@@ -1,6 +1,9 @@
 """Smoke tests of bench/: every benchmark on tiny seeded inputs; report structure only, no wall-clock assertions."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -50,8 +53,8 @@ def test_overhead_structure():
     sec = overhead.run(factory, dtypes=(torch.float32, torch.bfloat16), batches=(1,), seq_len=8, repeats=1,
                        warmup=0, budget=BUDGET, full_ft=True, before=True, progress=None)
     check_section(sec, "overhead")
-    names = {overhead.BASE, overhead.OURS, overhead.PEFT_TINY, overhead.PEFT_LORA, overhead.FULL_FT, overhead.AUTOGRAD,
-             overhead.HOOK}
+    names = {overhead.BASE, overhead.CONTROL, overhead.OURS, overhead.PEFT_TINY, overhead.PEFT_LORA, overhead.FULL_FT,
+             overhead.AUTOGRAD, overhead.HOOK}
     assert len(sec.rows) == 2 * len(names) + 1  # hook_dtype=activation applies to bf16 only
     assert {r[2] for r in sec.rows} == names | {overhead.OURS_ACT}
     bf16 = [c for c in sec.summary["cases"] if c["dtype"] == "bfloat16"][0]
@@ -60,6 +63,8 @@ def test_overhead_structure():
         assert case["trainable"][overhead.OURS] == case["trainable"][overhead.PEFT_TINY] == BUDGET
         assert case["trainable"][overhead.BASE] == 1
         assert case["ratio"][overhead.BASE] == 1.0 and case["paired_ratio"][overhead.BASE] == 1.0
+        assert case["min_ratio"][overhead.BASE] == 1.0 and case["trainable"][overhead.CONTROL] == 1
+        assert case["control"]["paired_ratio"] == case["paired_ratio"][overhead.CONTROL] > 0
         assert case["saved_bytes"][overhead.BASE] > 0
         assert isinstance(case["ours_meets_goal"], bool) and isinstance(case["ours_below_peft_tinylora"], bool)
 
@@ -180,12 +185,25 @@ def test_e2e_compare_side_by_side(tmp_path):
 def test_main_writes_report(tmp_path):
     p, out, js = tmp_path / "metrics.jsonl", tmp_path / "report.md", tmp_path / "s.json"
     write_metrics(p)
-    assert run.main(["--only", "e2e", "--e2e-metrics", str(p), "--out", str(out), "--json", str(js)]) == 0
+    assert run.main(["--only", "e2e", "--e2e-metrics", str(p), "--out", str(out), "--json", str(js),
+                     "--allocator", "default"]) == 0
     text = out.read_text()
     for part in ("# tinylora_verl benchmarks", "## Machine", "torch threads", "python -m bench.run --only e2e",
-                 "## End-to-end metrics", "## Headline"):
+                 "## End-to-end metrics", "## Headline", "| allocator | default (glibc's own tuning) |"):
         assert part in text
     assert "e2e" in json.loads(js.read_text())
+
+
+def test_steady_allocator_sets_glibc_thresholds():
+    """In a child process (the setting lasts for the process): mallopt accepts every value on glibc, and once
+    warm a freed 8 MiB tensor's block is handed out again (glibc's own tuning here gives fresh addresses, i.e.
+    fresh pages, every time)."""
+    code = ("import torch; from bench.common import steady_allocator; print(steady_allocator()); ptrs = []\n"
+            "for _ in range(4):\n    a = torch.empty(2**21); ptrs.append(a.data_ptr()); del a\n"
+            "print(len(set(ptrs[1:])))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).parents[1]).stdout.split("\n")
+    assert out[0].startswith("glibc, fixed: mmap threshold 32 MiB") and out[1] == "1"
 
 
 def write_clean(path):
