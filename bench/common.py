@@ -104,8 +104,10 @@ def steady_allocator() -> str:
     By default glibc tunes its mmap threshold as blocks are freed and returns the heap's top to the kernel past a
     trim threshold, so whether a fresh activation-sized tensor costs page faults (~0.3 ms per MB here) depends on
     the process's allocation history: the same base model measured 91-104 ms a step for its first 4 layers in
-    different processes. Blocks up to 32 MiB from the heap, never trimmed, are reused once warm, as a caching
-    allocator would (GPUs have one); every variant of a run gets the same allocator.
+    different processes, 88-91 ms with these settings. Blocks up to 32 MiB come from the heap, which is never
+    trimmed, so freed blocks are mostly reused (not always: glibc cannot fit a 64-byte aligned request into a
+    freed block of the same size that did not merge with the heap's top); every variant of a run gets the same
+    allocator.
     """
     import ctypes
     import ctypes.util

@@ -47,7 +47,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="steady: fix glibc malloc's thresholds first (bench.common.steady_allocator), so page faults "
                         "of fresh tensors do not depend on each process's history; default: leave glibc as it is")
     p.add_argument("--budget", type=int, default=13, help="TinyLoRA trainable scalars (default: %(default)s)")
-    p.add_argument("--repeats", type=int, default=None, help="timed rounds for overhead (fast 3, full 15)")
+    p.add_argument("--repeats", type=int, default=None, help="timed rounds for overhead (fast 3, full 21)")
     p.add_argument("--warmup", type=int, default=None, help="untimed rounds for overhead (fast 1, full 2)")
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--batches", default=None, help="comma-separated batch sizes (fast 1, full 1,2)")
@@ -183,7 +183,7 @@ def main(argv=None) -> int:
             raise SystemExit(f"--e2e-compare {item!r} must be LABEL=PATH of an existing verl metrics JSONL")
         compare_runs[label] = path
     fast = args.fast
-    repeats = args.repeats or (3 if fast else 15)
+    repeats = args.repeats or (3 if fast else 21)
     warmup = args.warmup if args.warmup is not None else (1 if fast else 2)
     batches = tuple(int(b) for b in args.batches.split(",")) if args.batches else ((1,) if fast else (1, 2))
     # Full SVDs of 7B-shaped layers take ~100 s each here: 3 measured layers, extrapolated to 28, keep `make bench`

@@ -57,7 +57,7 @@ def save_tiny_model(path, seed: int = 0, arch: str = "qwen2"):
 @pytest.fixture
 def tiny_trained(tmp_path):
     """``(tmp_path, model, adapter)``: a tiny HF folder in ``tmp_path/base`` and ``tmp_path/adapter.safetensors``
-    holding a non-zero v for it (the model keeps the adapter's hooks)."""
+    holding a non-zero v for it (the model keeps the adapter's forwards)."""
     from tinylora_verl import TinyLoRAConfig, inject_tinylora
 
     model = save_tiny_model(tmp_path / "base")

@@ -194,16 +194,26 @@ def test_main_writes_report(tmp_path):
     assert "e2e" in json.loads(js.read_text())
 
 
-def test_steady_allocator_sets_glibc_thresholds():
-    """In a child process (the setting lasts for the process): mallopt accepts every value on glibc, and once
-    warm a freed 8 MiB tensor's block is handed out again (glibc's own tuning here gives fresh addresses, i.e.
-    fresh pages, every time)."""
-    code = ("import torch; from bench.common import steady_allocator; print(steady_allocator()); ptrs = []\n"
-            "for _ in range(4):\n    a = torch.empty(2**21); ptrs.append(a.data_ptr()); del a\n"
-            "print(len(set(ptrs[1:])))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+ALLOC_PROBE = """
+import sys, torch
+from bench.common import steady_allocator
+if sys.argv[1] == "steady":
+    print(steady_allocator())
+a = torch.empty(2**22)  # 16 MiB
+heap = [line.split()[0].split("-") for line in open("/proc/self/maps") if line.rstrip().endswith("[heap]")]
+print(any(int(lo, 16) <= a.data_ptr() < int(hi, 16) for lo, hi in heap))
+"""
+
+
+@pytest.mark.parametrize("mode, from_heap", [("steady", "True"), ("default", "False")])
+def test_steady_allocator_fixes_the_mmap_threshold(mode, from_heap):
+    """In a child process (the setting lasts for the process): glibc maps a fresh 16 MiB tensor with mmap (fresh
+    pages on every allocation) unless steady_allocator raised the threshold, which puts it on the heap."""
+    out = subprocess.run([sys.executable, "-c", ALLOC_PROBE, mode], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).parents[1]).stdout.split("\n")
-    assert out[0].startswith("glibc, fixed: mmap threshold 32 MiB") and out[1] == "1"
+    if mode == "steady":
+        assert out.pop(0).startswith("glibc, fixed: mmap threshold 32 MiB")
+    assert out[0] == from_heap
 
 
 def write_clean(path):

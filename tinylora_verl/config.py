@@ -43,9 +43,10 @@ class TinyLoRAConfig:
         init: ``zeros`` (ΔW = 0 at step 0) or ``normal`` (``v ~ N(0, init_std²)``).
         init_std: standard deviation of the ``normal`` init.
         v_dtype: dtype of the trainable vectors; the paper finds float32 best even per byte.
-        hook_dtype: ``float32`` computes ΔW·x in float32 and casts once; ``activation`` computes it in the
-            activations' dtype (bf16/fp16 models; float32 models are unaffected), which saves the float32 copy of
-            every adapted layer's input at the cost of ~2 extra roundings of ΔW·x.
+        hook_dtype: precision of the adapter's update ΔW·x (the name predates the fused forward): ``float32``
+            computes it in float32 and casts once; ``activation`` computes it in the activations' dtype (bf16/fp16
+            models; float32 models are unaffected), which saves the float32 copies of every adapted layer's input
+            and output gradient at the cost of ~2 extra roundings of ΔW·x.
     """
 
     r: int = field(default=2, metadata={"help": "Frozen SVD rank of each target weight (paper: 2)."})
@@ -65,7 +66,7 @@ class TinyLoRAConfig:
     init_std: float = field(default=1e-3, metadata={"help": "Standard deviation of the normal v init."})
     v_dtype: str = field(default="float32", metadata={"help": f"dtype of v: one of {V_DTYPES}."})
     hook_dtype: str = field(default="float32", metadata={
-        "help": f"Precision of the forward hook: one of {HOOK_DTYPES}; 'activation' runs the rank-r products in a "
+        "help": f"Precision of the update ΔW·x: one of {HOOK_DTYPES}; 'activation' runs the rank-r products in a "
                 "bf16/fp16 model's own dtype (no activation casts, fused add)."})
 
     def __post_init__(self) -> None:

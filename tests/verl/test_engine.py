@@ -63,7 +63,7 @@ def test_stream_has_base_names_and_merged_values(model_dir, sync_dtype):
 
 @pytest.mark.parametrize("sync_dtype, tol", [("float32", 1e-5), ("bfloat16", 2e-2)])
 def test_lora_sync_streams_the_exact_lora_then_base_on_request(model_dir, sync_dtype, tol):
-    """sync_mode=lora: peft names and config, B A = ΔW, and served through peft it gives the hooked model."""
+    """sync_mode=lora: peft names and config, B A = ΔW, and served through peft it gives the adapted model."""
     from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
     from transformers import AutoModelForCausalLM
 

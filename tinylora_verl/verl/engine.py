@@ -97,7 +97,7 @@ class TinyLoRAFSDPEngine(FSDPEngineWithLMHead):
             return module
         self.tl_adapter = inject_tinylora(module, self.tl_config)
         # Harmless with verl's non-reentrant checkpointing and required with a reentrant one: frozen inputs
-        # would otherwise cut the graph before the hooks.
+        # would otherwise cut the graph before the adapted linears.
         module.enable_input_require_grads()
         if self.rank == 0:
             plan = self.tl_adapter.tie_plan
