@@ -112,7 +112,10 @@ def _grads(g2d: torch.Tensor, h2d: torch.Tensor, v_dtype: torch.dtype, PSt: torc
     grad_v = None
     if need_v:
         f32 = PSt.dtype
-        grad_core = torch.mm(h2d.T.to(f32), gU.to(f32))  # (r, r) = ∂L/∂(Σ M)ᵀ
+        # No-op casts still cost a dispatch each; the layout dtype decides both.
+        h32 = h2d if h2d.dtype is f32 else h2d.to(f32)
+        gU32 = gU if gU.dtype is f32 else gU.to(f32)
+        grad_core = torch.mm(h32.T, gU32)  # (r, r) = ∂L/∂(Σ M)ᵀ
         grad_v = torch.mv(PSt.T, grad_core.view(-1))  # (u,)
         if grad_v.dtype is not v_dtype:
             grad_v = grad_v.to(v_dtype)
