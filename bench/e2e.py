@@ -113,7 +113,7 @@ def compare(runs: dict[str, str | Path], skip_first: int = 1, floor_bytes: int =
         rows.append([k] + [("-" if v is None else v) for v in vals] + ratios)
     cols = ["metric"] + [f"{lb} (median)" for lb in labels] + [f"{lb} / {first}" for lb in labels[1:]]
     notes = [f"Medians over each run's steps after the first {skip_first} (warm-up); runs: "
-             + ", ".join(f"{lb} = `{Path(p).name}`" for lb, p in runs.items()) + "."]
+             + ", ".join(f"{lb} = `{Path(p).parent.name}/{Path(p).name}`" for lb, p in runs.items()) + "."]
     for lb in labels:
         sb = medians[lb].get("tinylora/sync_bytes")
         if sb:

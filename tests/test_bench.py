@@ -178,6 +178,7 @@ def test_e2e_compare_side_by_side(tmp_path):
     assert rows["timing_s/step"][1:] == [13.0, 6.5, "0.5"]
     assert rows["training/rollout_probs_diff_mean"][3] == "0.5" and "tinylora/sync_bytes" in rows
     assert sec.columns == ["metric", "merged (median)", "lora (median)", "lora / merged"]
+    assert f"merged = `{tmp_path.name}/a.jsonl`" in sec.notes[0]  # runs' files all named metrics.jsonl differ by dir
     with pytest.raises(SystemExit, match=r"--e2e-compare 'x' must be LABEL=PATH"):
         run.main(["--only", "e2e", "--e2e-compare", "x", "--out", str(tmp_path / "r.md")])
 
