@@ -65,8 +65,30 @@ def test_overhead_structure():
         assert case["ratio"][overhead.BASE] == 1.0 and case["paired_ratio"][overhead.BASE] == 1.0
         assert case["min_ratio"][overhead.BASE] == 1.0 and case["trainable"][overhead.CONTROL] == 1
         assert case["control"]["paired_ratio"] == case["paired_ratio"][overhead.CONTROL] > 0
+        # every adapter is also timed on its own weights with the adapter off; the base copies have no switch
+        switched = {overhead.OURS, overhead.AUTOGRAD, overhead.HOOK, overhead.PEFT_TINY, overhead.PEFT_LORA}
+        assert switched <= set(case["self_ratio"]) <= switched | {overhead.OURS_ACT}
+        assert all(r > 0 for r in case["self_ratio"].values()) and set(case["off_vs_base"]) == set(case["self_ratio"])
+        assert isinstance(case["ours_meets_goal_across_copies"], bool)
         assert case["saved_bytes"][overhead.BASE] > 0
         assert isinstance(case["ours_meets_goal"], bool) and isinstance(case["ours_below_peft_tinylora"], bool)
+
+
+def test_adapter_off_runs_the_base_on_the_same_weights():
+    """The "vs own adapter off" baseline: with non-zero adapter weights, each switchable variant gives the base
+    copy's logits inside its off() context and other logits outside it."""
+    variants = overhead.build_variants(factory, torch.float32, BUDGET, before=True)
+    ids = torch.randint(0, 128, (1, 10), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        base = variants[overhead.BASE].model(input_ids=ids).logits
+        for name, v in variants.items():
+            if v.off is None:
+                continue
+            for p in v.params[:-1]:  # the adapter's own; the last is the embeddings gate
+                p.fill_(0.3)
+            with v.off():
+                torch.testing.assert_close(v.model(input_ids=ids).logits, base, rtol=1e-5, atol=1e-5, msg=name)
+            assert (v.model(input_ids=ids).logits - base).abs().max() > 1e-3, name
 
 
 @pytest.mark.parametrize("dtype, hook_dtype", [(torch.float32, "float32"), (torch.bfloat16, "float32"),
