@@ -204,8 +204,7 @@ def run(factory: Callable[[torch.dtype], nn.Module], dtypes: Sequence[torch.dtyp
             case["ours_meets_goal_across_copies"] = case["paired_ratio"][OURS] <= goal
             case["control"] = {"paired_ratio": paired[CONTROL][0], "min_ratio": case["min_ratio"][CONTROL],
                                "spread": [paired[CONTROL][1], paired[CONTROL][2]]}
-            case["ours_below_peft_tinylora"] = ours < peft_t and case["paired_ratio"][OURS] < case["paired_ratio"][
-                PEFT_TINY]
+            case["ours_below_peft_tinylora"] = ours < peft_t and paired[OURS][0] < paired[PEFT_TINY][0]
             summary["cases"].append(case)
             progress(f"overhead: {dname} b{batch}: ours {ours:.3f}x its adapter off ({case['paired_ratio'][OURS]:.3f}x "
                      f"base copy), peft TinyLoRA {peft_t:.3f}x ({case['paired_ratio'][PEFT_TINY]:.3f}x); noise "

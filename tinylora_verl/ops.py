@@ -79,9 +79,15 @@ def factor_layouts(U: torch.Tensor, S: torch.Tensor, V: torch.Tensor, P: torch.T
                         _by_columns(U.device, dtype, U.shape[0]), _by_columns(V.device, dtype, V.shape[0]))
 
 
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` in ``dtype``, without a call when it already is: a no-op ``.to`` still costs a dispatch, paid per
+    linear and step on the hot path."""
+    return t if t.dtype is dtype else t.to(dtype)
+
+
 def _core_t(v: torch.Tensor, PSt: torch.Tensor, r: int) -> torch.Tensor:
     """``(Σ M)ᵀ = (diag(S) Σᵢ vᵢ Pᵢ)ᵀ`` (r, r) in float32 (called inside forward: no graph is recorded)."""
-    return torch.mv(PSt, v if v.dtype is PSt.dtype else v.to(PSt.dtype)).view(r, r)  # (r, r)
+    return torch.mv(PSt, _as(v, PSt.dtype)).view(r, r)  # (r, r)
 
 
 def _add_rank_r_(y2d: torch.Tensor, a: torch.Tensor, core: torch.Tensor, bt: torch.Tensor, by_columns: bool) -> None:
@@ -90,7 +96,7 @@ def _add_rank_r_(y2d: torch.Tensor, a: torch.Tensor, core: torch.Tensor, bt: tor
     The product is formed in ``bt`` 's dtype; into a ``y`` of another dtype it is cast once and added. (A
     mixed-dtype ``add_`` of the float32 product, one rounding fewer, measured slower: 1.21x vs 1.16x bf16 overhead.)
     """
-    a2 = torch.mm(a, core if core.dtype is a.dtype else core.to(a.dtype))  # (tokens, r)
+    a2 = torch.mm(a, _as(core, a.dtype))  # (tokens, r)
     if y2d.dtype is not bt.dtype:
         y2d.add_(torch.mm(a2, bt).to(y2d.dtype))
     elif by_columns:
@@ -102,7 +108,7 @@ def _add_rank_r_(y2d: torch.Tensor, a: torch.Tensor, core: torch.Tensor, bt: tor
 
 def _project(x2d: torch.Tensor, Vt: torch.Tensor) -> torch.Tensor:
     """``h = x V`` (tokens, k) in ``Vt`` 's dtype, from ``x2d`` (tokens, in) and ``Vt = Vᵀ`` (k, in)."""
-    return F.linear(x2d if x2d.dtype is Vt.dtype else x2d.to(Vt.dtype), Vt)
+    return F.linear(_as(x2d, Vt.dtype), Vt)
 
 
 def _grads(g2d: torch.Tensor, h2d: torch.Tensor, v_dtype: torch.dtype, PSt: torch.Tensor, Ut: torch.Tensor,
@@ -111,14 +117,8 @@ def _grads(g2d: torch.Tensor, h2d: torch.Tensor, v_dtype: torch.dtype, PSt: torc
     gU = _project(g2d, Ut)  # (tokens, r)
     grad_v = None
     if need_v:
-        f32 = PSt.dtype
-        # No-op casts still cost a dispatch each; the layout dtype decides both.
-        h32 = h2d if h2d.dtype is f32 else h2d.to(f32)
-        gU32 = gU if gU.dtype is f32 else gU.to(f32)
-        grad_core = torch.mm(h32.T, gU32)  # (r, r) = ∂L/∂(Σ M)ᵀ
-        grad_v = torch.mv(PSt.T, grad_core.view(-1))  # (u,)
-        if grad_v.dtype is not v_dtype:
-            grad_v = grad_v.to(v_dtype)
+        grad_core = torch.mm(_as(h2d, PSt.dtype).T, _as(gU, PSt.dtype))  # (r, r) = ∂L/∂(Σ M)ᵀ
+        grad_v = _as(torch.mv(PSt.T, grad_core.view(-1)), v_dtype)  # (u,)
     return gU, grad_v
 
 
@@ -170,9 +170,7 @@ class TinyLoRALinear(torch.autograd.Function):
         if need_x or need_v:
             gU, grad_v = _grads(g2d, h, v_dtype, layout.PSt, layout.Ut, need_v)
         if need_x:
-            grad_x = torch.mm(g2d, wb)  # (tokens, in)
-            if grad_x.dtype is not x_dtype:
-                grad_x = grad_x.to(x_dtype)
+            grad_x = _as(torch.mm(g2d, wb), x_dtype)  # (tokens, in)
             _add_rank_r_(grad_x, gU, core_t.T, layout.Vt, layout.in_by_columns)
             grad_x = grad_x.view(x_shape)
         if need_w:
@@ -206,7 +204,7 @@ class AddLowRankUpdate(torch.autograd.Function):
         gU, grad_v = _grads(g.reshape(-1, g.shape[-1]), h, v_dtype, layout.PSt, layout.Ut, ctx.needs_input_grad[2])
         grad_x = None
         if ctx.needs_input_grad[1]:
-            grad_h = torch.mm(gU, core_t.T if core_t.dtype is gU.dtype else core_t.T.to(gU.dtype))  # (tokens, r)
+            grad_h = torch.mm(gU, _as(core_t.T, gU.dtype))  # (tokens, r)
             grad_x = torch.mm(grad_h, layout.Vt).to(x_dtype).view(x_shape)  # (..., in)
         return g, grad_x, grad_v, None
 
