@@ -24,10 +24,10 @@ from torch import nn
 
 from .common import Section, interleaved_times, log, median, paired_ratios
 
-BASE, CONTROL, OURS, PEFT_TINY, PEFT_LORA, FULL_FT, AUTOGRAD, HOOK, OURS_ACT = (
+BASE, CONTROL, OURS, PEFT_TINY, PEFT_LORA, FULL_FT, AUTOGRAD, HOOK, OURS_ACT, NO_KERNEL = (
     "base (frozen, grad to inputs)", "base, second copy (noise control)", "TinyLoRA (ours)", "peft TinyLoRA",
     "peft LoRA r=1", "full FT", "TinyLoRA, plain-autograd hook (before)", "TinyLoRA, hook path (before)",
-    "TinyLoRA (ours, hook_dtype=activation)",
+    "TinyLoRA (ours, hook_dtype=activation)", "TinyLoRA, torch ops only (before: cpu_kernel=off)",
 )
 OFF = " [adapter off]"
 
@@ -86,7 +86,8 @@ def build_variants(factory: Callable[[torch.dtype], nn.Module], dtype: torch.dty
         from .autograd_hook import install
 
         ours(AUTOGRAD, install=install)
-        ours(HOOK, reroute={"fused": False})
+        ours(HOOK, reroute={"fused": False}, cpu_kernel="off")
+        ours(NO_KERNEL, cpu_kernel="off")
     if dtype != torch.float32:
         # The package's fix for low-precision models (the prototype's low_precision path, now a config option).
         ours(OURS_ACT, hook_dtype="activation")
@@ -236,6 +237,8 @@ def run(factory: Callable[[torch.dtype], nn.Module], dtypes: Sequence[torch.dtyp
         "node updates the output in place and returns its own input gradient for autograd to add. "
         "plain-autograd hook (before): bench/autograd_hook.py, the hook the package had before "
         "tinylora_verl/ops.py (same math, one autograd node per op, out-of-place add, x V per module). "
+        "torch ops only: the fused node with `cpu_kernel: off`, i.e. without the one-pass C++ kernel "
+        "(tinylora_verl/csrc/rank_r_update.cpp) that adds the rank-2 update into the activations. "
         "hook_dtype=activation: the package option that runs the adapter math in the model's dtype (bf16/fp16 "
         "only), the fix for the bf16 overhead.",
         "saved MB = activations autograd keeps for backward (parameters and buffers excluded).",

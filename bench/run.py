@@ -120,6 +120,8 @@ def headline(sections: dict[str, Section]) -> list[str]:
                     f"min {c['control']['min_ratio']:.3f}x); peft TinyLoRA {sr[overhead.PEFT_TINY]:.3f}x / "
                     f"{r[overhead.PEFT_TINY]:.3f}x "
                     f"({'ours below' if c['ours_below_peft_tinylora'] else 'ours NOT below'})")
+            if overhead.NO_KERNEL in sr:
+                line += f", torch ops only (before) {sr[overhead.NO_KERNEL]:.3f}x / {r[overhead.NO_KERNEL]:.3f}x"
             if overhead.HOOK in sr:
                 line += f", hook path (before) {sr[overhead.HOOK]:.3f}x / {r[overhead.HOOK]:.3f}x"
             if overhead.AUTOGRAD in sr:

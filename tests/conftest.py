@@ -122,3 +122,11 @@ def pytest_collection_modifyitems(config, items):
             needed = marker.args[0] if marker.args else 1
             if available < needed:
                 item.add_marker(pytest.mark.skip(reason=f"needs {needed} CUDA GPU(s); this machine has {available}"))
+
+
+def assert_rounded_once_to_bf16(got: torch.Tensor, exact: torch.Tensor) -> None:
+    """``got`` (bf16) is within half a bf16 ulp of ``exact`` (float64), up to float32's own error: one rounding."""
+    _, e = torch.frexp(got.double())
+    half_ulp = torch.ldexp(torch.ones_like(exact), e - 9)  # bf16 has 8 significant bits
+    err = (got.double() - exact).abs()
+    assert (err <= half_ulp + 1e-6 * (exact.abs() + 1)).all(), f"max error {err.max().item():.3g}"

@@ -155,7 +155,7 @@ def test_layout_is_the_transposed_factors_and_the_flattened_core():
     torch.testing.assert_close(layout.Vt, V.T.bfloat16())
     torch.testing.assert_close((layout.PSt @ v).view(2, 2), (S[:, None] * mix(v, P)).T)
     assert not layout.in_by_columns  # bf16 GEMMs have no 512-float dip
-    assert factor_layouts(U, S, V, P, torch.float32)[3:] == (False, True)
+    assert factor_layouts(U, S, V, P, torch.float32)[3:] == (False, True, None)
 
 
 def test_hook_update_of_a_saved_tensor_is_caught():

@@ -21,6 +21,7 @@ TIE_MODES = ("none", "tiled", "structured", "full")
 INIT_MODES = ("zeros", "normal")
 V_DTYPES = ("float32", "bfloat16", "float16")
 HOOK_DTYPES = ("float32", "activation")
+CPU_KERNELS = ("auto", "on", "off")
 SIGN_CONVENTION = "max-abs-row-of-U-positive"
 
 
@@ -47,6 +48,10 @@ class TinyLoRAConfig:
             computes it in float32 and casts once; ``activation`` computes it in the activations' dtype (bf16/fp16
             models; float32 models are unaffected), which saves the float32 copies of every adapted layer's input
             and output gradient at the cost of ~2 extra roundings of ΔW·x.
+        cpu_kernel: the one-pass C++ kernel that adds a float32 update into a CPU model's float32/bf16 activations
+            (:mod:`tinylora_verl.cpu_kernel`, built on first use with g++): ``auto`` uses it when it builds and
+            falls back to torch ops with a warning, ``on`` makes a failed build an error, ``off`` never builds it.
+            GPU tensors always take torch ops.
     """
 
     r: int = field(default=2, metadata={"help": "Frozen SVD rank of each target weight (paper: 2)."})
@@ -68,6 +73,9 @@ class TinyLoRAConfig:
     hook_dtype: str = field(default="float32", metadata={
         "help": f"Precision of the update ΔW·x: one of {HOOK_DTYPES}; 'activation' runs the rank-r products in a "
                 "bf16/fp16 model's own dtype (no activation casts, fused add)."})
+    cpu_kernel: str = field(default="auto", metadata={
+        "help": f"One-pass C++ kernel for the update on CPU tensors: one of {CPU_KERNELS}; 'auto' falls back to "
+                "torch ops if it does not build, 'on' raises, 'off' never builds it."})
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, str):
@@ -84,6 +92,7 @@ class TinyLoRAConfig:
         _check_choice("init", self.init, INIT_MODES)
         _check_choice("v_dtype", self.v_dtype, V_DTYPES)
         _check_choice("hook_dtype", self.hook_dtype, HOOK_DTYPES)
+        _check_choice("cpu_kernel", self.cpu_kernel, CPU_KERNELS)
         if not self.target_modules or not all(isinstance(s, str) and s for s in self.target_modules):
             raise ValueError(
                 f"`target_modules` should be a non-empty list of module-name suffixes, but the value passed is "

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import cpu_kernel
 from .ops import FactorLayout, add_low_rank_update, factor_layouts, shared_input_groups, shared_projection, \
     tinylora_linear
 
@@ -112,7 +113,8 @@ class AdapterForwards:
         hit = self.layouts.get((name, dt))
         if (hit is None or hit[2] != versions or hit[1][0] is not U or hit[1][1] is not S or hit[1][2] is not V
                 or hit[1][3] is not P):
-            hit = (factor_layouts(U, S, V, P, dtype=dt), (U, S, V, P), versions)
+            kernel = cpu_kernel.load(self.adapter.config.cpu_kernel) if U.device.type == "cpu" else None
+            hit = (factor_layouts(U, S, V, P, dtype=dt, kernel=kernel), (U, S, V, P), versions)
             self.layouts[(name, dt)] = hit
         return hit[0]
 

@@ -13,20 +13,23 @@ one more activation-sized tensor and pass per module (on the CPU also fresh page
 whose forward is not ``nn.Linear.forward`` (subclasses, wrappers such as accelerate's), which must run their own.
 
 Why not plain autograd: every op of the update would be its own node and its own pass over a (tokens, out) or
-(tokens, in) tensor; the overhead benchmark (bench/overhead.py) is bound by those passes and by per-op dispatch,
-not by FLOPs (the GEMMs are rank r = 2). Here the update is one in-place ``addmm_``, ``(Σ M)ᵀ`` is one
-matrix-vector product (from a :class:`FactorLayout` the adapter caches per module), and the backward is three thin
-GEMMs. Layout: the thin factors enter every GEMM as ``(r, dim)`` row-major (``Vᵀ``, ``Uᵀ``), the transposed
-operand; with torch 2.13's CPU BLAS a (tokens, dim) x (dim, 2) product is ~4x faster that way than with the
-(dim, 2) factor contiguous (16 vs 65 µs at 256 x 576).
+(tokens, in) tensor; the overhead benchmark (bench/overhead.py) is bound by those passes and by per-op dispatch, not
+by FLOPs (the GEMMs are rank r = 2). Here the update is one in-place ``addmm_``, ``(Σ M)ᵀ`` is one matrix-vector
+product (from a :class:`FactorLayout` the adapter caches per module), and the backward is three thin GEMMs. On the
+CPU the in-place add is, where it applies, one pass of a C++ kernel (:mod:`.cpu_kernel`: float32 sum rounded once
+into y) instead of three torch ops. Layout: the thin factors enter every GEMM as ``(r, dim)`` row-major (``Vᵀ``,
+``Uᵀ``), the transposed operand; with torch 2.13's CPU BLAS a (tokens, dim) x (dim, 2) product is ~4x faster that
+way than with the (dim, 2) factor contiguous (16 vs 65 µs at 256 x 576).
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
+
+from . import cpu_kernel
 
 # Modules that HF decoder layers call on the same input tensor: their x V products can share one GEMM.
 SHARED_INPUT_TYPES = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
@@ -53,7 +56,8 @@ class FactorLayout(NamedTuple):
     ``Ut = Uᵀ`` (r, out) and ``Vt = Vᵀ`` (r, in) contiguous; ``PSt`` (r·r, u) float32 with
     ``PSt @ v = vec((Σ M)ᵀ)``, ``PSt[(k, j), i] = Sⱼ (Pᵢ)ⱼₖ``, so the mixed core is one matrix-vector product.
     ``out_by_columns`` / ``in_by_columns``: add the rank-r update to a row of ``out`` / ``in`` floats as r broadcast
-    multiply-adds instead of one GEMM (see :func:`factor_layouts`).
+    multiply-adds instead of one GEMM (see :func:`factor_layouts`). ``kernel``: the one-pass CPU kernel
+    (:mod:`tinylora_verl.cpu_kernel`) that adds it instead, where it applies; None: torch ops only.
     """
 
     Ut: torch.Tensor
@@ -61,6 +65,7 @@ class FactorLayout(NamedTuple):
     PSt: torch.Tensor
     out_by_columns: bool
     in_by_columns: bool
+    kernel: Optional[Callable[..., None]] = None
 
 
 def _by_columns(device: torch.device, dtype: torch.dtype, width: int) -> bool:
@@ -71,12 +76,15 @@ def _by_columns(device: torch.device, dtype: torch.dtype, width: int) -> bool:
 
 
 def factor_layouts(U: torch.Tensor, S: torch.Tensor, V: torch.Tensor, P: torch.Tensor,
-                   dtype: torch.dtype) -> FactorLayout:
-    """:class:`FactorLayout` from ``U`` (out, r), ``S`` (r,), ``V`` (in, r), ``P`` (u, r, r)."""
+                   dtype: torch.dtype, kernel: Optional[Callable[..., None]] = None) -> FactorLayout:
+    """:class:`FactorLayout` from ``U`` (out, r), ``S`` (r,), ``V`` (in, r), ``P`` (u, r, r); ``kernel`` is kept
+    only for float32 factors on the CPU, the only ones it takes."""
     u, r, _ = P.shape
     PSt = (S[None, :, None] * P).transpose(1, 2).reshape(u, r * r).T.contiguous()  # (r·r, u)
+    keep = kernel is not None and U.device.type == "cpu" and dtype == torch.float32 and r <= cpu_kernel.MAX_RANK
     return FactorLayout(U.T.to(dtype).contiguous(), V.T.to(dtype).contiguous(), PSt,
-                        _by_columns(U.device, dtype, U.shape[0]), _by_columns(V.device, dtype, V.shape[0]))
+                        _by_columns(U.device, dtype, U.shape[0]), _by_columns(V.device, dtype, V.shape[0]),
+                        kernel if keep else None)
 
 
 def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -90,12 +98,17 @@ def _core_t(v: torch.Tensor, PSt: torch.Tensor, r: int) -> torch.Tensor:
     return torch.mv(PSt, _as(v, PSt.dtype)).view(r, r)  # (r, r)
 
 
-def _add_rank_r_(y2d: torch.Tensor, a: torch.Tensor, core: torch.Tensor, bt: torch.Tensor, by_columns: bool) -> None:
+def _add_rank_r_(y2d: torch.Tensor, a: torch.Tensor, core: torch.Tensor, bt: torch.Tensor, by_columns: bool,
+                 kernel: Optional[Callable[..., None]] = None) -> None:
     """``y ← y + (a core) bt`` in place, for ``y2d`` (tokens, n), ``a`` (tokens, r), ``core`` (r, r), ``bt`` (r, n).
 
-    The product is formed in ``bt`` 's dtype; into a ``y`` of another dtype it is cast once and added. (A
+    With ``kernel`` (and tensors it takes): one pass, the float32 sum rounded once into ``y``. Otherwise torch
+    ops: the product is formed in ``bt`` 's dtype; into a ``y`` of another dtype it is cast once and added. (A
     mixed-dtype ``add_`` of the float32 product, one rounding fewer, measured slower: 1.21x vs 1.16x bf16 overhead.)
     """
+    if kernel is not None and cpu_kernel.applies(y2d, a, bt):
+        kernel(y2d, a, core.contiguous(), bt)
+        return
     a2 = torch.mm(a, _as(core, a.dtype))  # (tokens, r)
     if y2d.dtype is not bt.dtype:
         y2d.add_(torch.mm(a2, bt).to(y2d.dtype))
@@ -153,7 +166,7 @@ class TinyLoRALinear(torch.autograd.Function):
         core_t = _core_t(v, layout.PSt, r)  # (r, r)
         if h is None:
             h = _project(x.reshape(-1, x.shape[-1]), layout.Vt)  # (tokens, r)
-        _add_rank_r_(y.view(-1, y.shape[-1]), h, core_t, layout.Ut, layout.out_by_columns)
+        _add_rank_r_(y.view(-1, y.shape[-1]), h, core_t, layout.Ut, layout.out_by_columns, layout.kernel)
         # Only activations (and the weight, as F.linear's own node keeps it) go through save_for_backward, so
         # saved-tensor hooks (offloading, checkpointing) see them; the cached layout and the r x r core are
         # never written in place and are kept as they are.
@@ -171,7 +184,7 @@ class TinyLoRALinear(torch.autograd.Function):
             gU, grad_v = _grads(g2d, h, v_dtype, layout.PSt, layout.Ut, need_v)
         if need_x:
             grad_x = _as(torch.mm(g2d, wb), x_dtype)  # (tokens, in)
-            _add_rank_r_(grad_x, gU, core_t.T, layout.Vt, layout.in_by_columns)
+            _add_rank_r_(grad_x, gU, core_t.T, layout.Vt, layout.in_by_columns, layout.kernel)
             grad_x = grad_x.view(x_shape)
         if need_w:
             grad_w = torch.mm(g2d.T, xb.reshape(-1, xb.shape[-1])).to(w_dtype)  # (out, in)
@@ -192,7 +205,7 @@ class AddLowRankUpdate(torch.autograd.Function):
         r = layout.Ut.shape[0]
         core_t = _core_t(v, layout.PSt, r)  # (r, r)
         h = _project(x.reshape(-1, x.shape[-1]), layout.Vt)  # (tokens, r)
-        _add_rank_r_(y.view(-1, y.shape[-1]), h, core_t, layout.Ut, layout.out_by_columns)
+        _add_rank_r_(y.view(-1, y.shape[-1]), h, core_t, layout.Ut, layout.out_by_columns, layout.kernel)
         ctx.mark_dirty(y)
         ctx.save_for_backward(h)
         ctx.consts = (layout, core_t, v.dtype, x.shape, x.dtype)

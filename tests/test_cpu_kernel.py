@@ -1,0 +1,220 @@
+"""The one-pass CPU kernel for ``y ← y + (a core) bt``: numerics against float64, its errors, its build policy, and
+the fused linear running on it."""
+
+import warnings
+
+import pytest
+import torch
+
+from tests.conftest import assert_rounded_once_to_bf16
+from tinylora_verl import TinyLoRAConfig, cpu_kernel, inject_tinylora
+from tinylora_verl.ops import _add_rank_r_, factor_layouts, shared_projection, tinylora_linear
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    return cpu_kernel.load("on")
+
+
+def operands(rows, n, r, dtype, seed, strided=False):
+    gen = torch.Generator().manual_seed(seed)
+    y = torch.randn(rows, n, generator=gen).to(dtype)  # (rows, n)
+    a = torch.randn(rows, 3 * r if strided else r, generator=gen)  # (rows, r) or (rows, 3r)
+    if strided:
+        a = a[:, r:2 * r]  # rows strided, as the q/k/v shared projection's slice is
+    core = torch.randn(r, r, generator=gen) * 0.1  # (r, r)
+    bt = torch.randn(r, n, generator=gen) / n**0.5  # (r, n)
+    return y, a, core, bt
+
+
+def reference(y, a, core, bt):
+    """The exact sum in float64."""
+    return y.double() + (a.double() @ core.double()) @ bt.double()  # (rows, n)
+
+
+# (case, rows, n, r, strided a): widths around the 512-float rows where MKL's K = r GEMM dips, ranks 1-3, one row.
+CASES = [("tiny", 3, 5, 2, False), ("one-row", 1, 576, 2, False), ("r1", 7, 33, 1, False), ("r3", 9, 64, 3, False),
+         ("wide", 300, 1536, 2, False), ("strided-a", 64, 576, 2, True), ("r3-strided", 17, 100, 3, True)]
+
+
+@pytest.mark.parametrize("case, rows, n, r, strided", CASES, ids=[c[0] for c in CASES])
+def test_float32_matches_float64(kernel, case, rows, n, r, strided):
+    y, a, core, bt = operands(rows, n, r, torch.float32, seed=1, strided=strided)
+    want = reference(y, a, core, bt)
+    kernel(y, a, core, bt)
+    torch.testing.assert_close(y.double(), want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("case, rows, n, r, strided", CASES, ids=[c[0] for c in CASES])
+def test_bfloat16_is_the_float32_sum_rounded_once(kernel, case, rows, n, r, strided):
+    """Within half a bf16 ulp of the exact sum (plus float32's own error), and never worse on average than the
+    torch ops' cast-then-add, which rounds twice."""
+    y, a, core, bt = operands(rows, n, r, torch.bfloat16, seed=2, strided=strided)
+    want = reference(y, a, core, bt)
+    twice = y.clone()
+    _add_rank_r_(twice, a.contiguous(), core, bt, by_columns=False)
+    got = y.clone()
+    kernel(got, a, core, bt)
+    assert_rounded_once_to_bf16(got, want)
+    assert (got.double() - want).abs().mean() <= (twice.double() - want).abs().mean()
+
+
+def test_nan_and_inf_pass_through(kernel):
+    y, a, core, bt = operands(2, 4, 2, torch.bfloat16, seed=3)
+    y[0, 0], y[1, 1] = float("nan"), float("inf")
+    kernel(y, a, core, bt)
+    assert y[0, 0].isnan() and y[1, 1].isposinf()
+
+
+# (case, how to break the call, message)
+ERRORS = [
+    ("shapes", lambda y, a, c, b: (y, a[:, :1], c, b), r"shapes do not chain .* a \[4, 1\]"),
+    ("not-2d", lambda y, a, c, b: (y[None], a, c, b), r"must be 2-D, got shapes \[1, 4, 6\]"),
+    ("y-fp16", lambda y, a, c, b: (y.half(), a, c, b), r"y must be float32 or bfloat16, got Half"),
+    ("y-strided", lambda y, a, c, b: (torch.zeros(6, 4).T, a, c, b), r"y must be a contiguous CPU tensor"),
+    ("a-bf16", lambda y, a, c, b: (y, a.bfloat16(), c, b), r"a must be float32, got BFloat16"),
+    ("a-cols", lambda y, a, c, b: (y, torch.zeros(2, 4).T, c, b), r"a must have contiguous rows"),
+    ("core-t", lambda y, a, c, b: (y, a, torch.zeros(2, 2).T, b), r"core must be contiguous"),
+    ("rank", lambda y, a, c, b: (y, torch.zeros(4, 17), torch.zeros(17, 17), torch.zeros(17, 6)),
+     r"rank must be in \[1, 16\], got 17"),
+]
+
+
+@pytest.mark.parametrize("case, breaks, message", ERRORS, ids=[e[0] for e in ERRORS])
+def test_bad_operands_are_refused_by_name(kernel, case, breaks, message):
+    args = breaks(*operands(4, 6, 2, torch.float32, seed=4))
+    with pytest.raises(RuntimeError, match=message):
+        kernel(*args)
+
+
+@pytest.fixture
+def failed_build(monkeypatch):
+    """A process in which building the kernel fails."""
+    def boom():
+        raise OSError("g++: not found")
+    monkeypatch.setattr(cpu_kernel, "_state", {})
+    monkeypatch.setattr(cpu_kernel, "_build", boom)
+
+
+def test_off_never_builds(failed_build):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert cpu_kernel.load("off") is None
+
+
+def test_auto_falls_back_once_with_the_reason(failed_build):
+    with pytest.warns(RuntimeWarning, match=r"did not build, using torch ops instead .*OSError: g\+\+: not found"):
+        assert cpu_kernel.load("auto") is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert cpu_kernel.load("auto") is None
+
+
+def test_on_raises_with_the_reason(failed_build):
+    with pytest.raises(RuntimeError, match=r"cpu_kernel='on' but .* unavailable: OSError: g\+\+: not found"):
+        cpu_kernel.load("on")
+
+
+def test_bad_mode_is_refused():
+    with pytest.raises(ValueError, match=r"`cpu_kernel` should be one of \['auto', 'on', 'off'\], .* 'yes'"):
+        cpu_kernel.load("yes")
+    with pytest.raises(ValueError, match=r"`cpu_kernel` should be one of \['auto', 'on', 'off'\], .* 'always'"):
+        TinyLoRAConfig(cpu_kernel="always")
+
+
+def test_build_name_follows_the_flags(monkeypatch):
+    name = cpu_kernel.build_name()
+    assert name == cpu_kernel.build_name() and name.startswith("tinylora_verl_cpu_")
+    monkeypatch.setattr(cpu_kernel, "CFLAGS", ("-O2",))
+    assert cpu_kernel.build_name() != name
+
+
+def test_layout_keeps_the_kernel_only_for_float32_cpu_factors(kernel):
+    gen = torch.Generator().manual_seed(5)
+    U, V, S, P = torch.randn(6, 2, generator=gen), torch.randn(5, 2, generator=gen), torch.ones(2), torch.eye(2)[None]
+    assert factor_layouts(U, S, V, P, torch.float32, kernel=kernel).kernel is kernel
+    assert factor_layouts(U, S, V, P, torch.bfloat16, kernel=kernel).kernel is None
+    assert factor_layouts(U, S, V, P, torch.float32).kernel is None
+
+
+def factors(out_f, in_f, seed):
+    gen = torch.Generator().manual_seed(seed)
+    U = torch.linalg.qr(torch.randn(out_f, 2, generator=gen, dtype=torch.float64))[0].float()  # (out, r)
+    V = torch.linalg.qr(torch.randn(in_f, 2, generator=gen, dtype=torch.float64))[0].float()  # (in, r)
+    S = torch.rand(2, generator=gen) * 3 + 1  # (r,)
+    P = torch.randn(3, 2, 2, generator=gen) / 2**0.5  # (u, r, r)
+    v = torch.randn(3, generator=gen)  # (u,)
+    return U, S, V, P, v
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["own-projection", "shared-projection"])
+@pytest.mark.parametrize("out_f, in_f", [(7, 5), (512, 24), (24, 1536)])
+def test_fused_linear_on_the_kernel_matches_the_dense_formula(kernel, shared, out_f, in_f):
+    """Forward and x/v gradients of the fused linear with the kernel against the dense formula in float64."""
+    U, S, V, P, v = factors(out_f, in_f, seed=6)
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 3, in_f, generator=gen)
+    W = torch.randn(out_f, in_f, generator=gen) / in_f**0.5
+    g = torch.randn(2, 3, out_f, generator=gen)
+    layout = factor_layouts(U, S, V, P, torch.float32, kernel=kernel)
+    xs, vs = x.clone().requires_grad_(True), v.clone().requires_grad_(True)
+    h = shared_projection(xs, layout.Vt) if shared else None
+    got = tinylora_linear(xs, W, None, vs, layout, h)
+    got.backward(g)
+    xd, vd = x.double().requires_grad_(True), v.double().requires_grad_(True)
+    M = (vd[:, None, None] * P.double()).sum(0)  # (r, r)
+    ref = xd @ (W.double() + U.double() @ torch.diag(S.double()) @ M @ V.double().T).T
+    ref.backward(g.double())
+    torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(xs.grad.double(), xd.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(vs.grad.double(), vd.grad, rtol=1e-5, atol=1e-5)
+
+
+def tiny_llama(dtype):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=512, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    return LlamaForCausalLM(cfg).to(dtype).eval()
+
+
+@pytest.mark.parametrize("dtype, rtol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)], ids=["fp32", "bf16"])
+def test_model_on_and_off_the_kernel_agree(kernel, dtype, rtol):
+    """A tiny Llama (rows of 512 floats in its MLP) gives the same logits and v-gradients with the kernel on and
+    off; the layouts say which path ran."""
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(8))
+    results = {}
+    for mode in ("on", "off"):
+        model = tiny_llama(dtype)
+        adapter = inject_tinylora(model, TinyLoRAConfig(tie_size=3, init="normal", init_std=0.05, cpu_kernel=mode))
+        logits = model(input_ids=ids).logits
+        logits.float().square().mean().backward()
+        kernels = {lay[0].kernel is kernel for lay in adapter._forwards.layouts.values()}
+        assert kernels == {mode == "on"}
+        results[mode] = (logits.detach().float(), torch.cat([p.grad for p in adapter.vectors]))
+    torch.testing.assert_close(results["on"][0], results["off"][0], rtol=rtol, atol=rtol)
+    torch.testing.assert_close(results["on"][1], results["off"][1], rtol=rtol * 10, atol=rtol)
+
+
+def test_build_directory_follows_torch_extensions_dir(monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    assert cpu_kernel.build_directory("k") == tmp_path / "k"
+
+
+@pytest.mark.slow
+def test_fresh_build_says_so_once_then_loads(tmp_path):
+    """A real build into an empty extension cache, then a second process that only loads it."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path)}
+    code = ("import torch; from tinylora_verl import cpu_kernel; op = cpu_kernel.load('on'); y = torch.zeros(2, 3); "
+            "op(y, torch.ones(2, 2), torch.eye(2), torch.ones(2, 3)); print(y.sum().item())")
+    runs = [subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+            for _ in range(2)]
+    assert [r.returncode for r in runs] == [0, 0], runs[0].stderr[-2000:]
+    assert [r.stdout.strip() for r in runs] == ["12.0", "12.0"]
+    assert "building the CPU kernel" in runs[0].stderr and "building" not in runs[1].stderr
+    assert len(list(tmp_path.glob("tinylora_verl_cpu_*/*.so"))) == 1

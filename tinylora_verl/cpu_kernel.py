@@ -1,0 +1,116 @@
+"""The CPU kernel for the rank-r update ``y ← y + (a core) bt``, built on first use from ``csrc/rank_r_update.cpp``.
+
+Why a kernel: on the CPU the adapter's overhead is bound by passes over activation-sized tensors, not FLOPs
+(bench/overhead.py). With torch ops the update ``y += (a core) bt`` is a (tokens, r) x (r, r) GEMM, a K = r GEMM
+into a fresh (tokens, n) tensor and an add (plus a cast into a bf16 ``y``), and MKL's K = 2 GEMM is slow on rows
+of a multiple of 512 floats: 180 µs a call at 256 x 1536 inside a bf16 SmolLM2 step, 16 ms of its 600. The
+kernel is one pass over ``y``: read, add the r products in float32, round once, write. Into a bf16 ``y`` that is
+also one rounding fewer than casting the float32 update and adding it.
+
+It is built with torch's own extension builder (g++ and ninja, ~15 s once per machine and torch version; the
+build directory is keyed by the source, the flags and the CPU's feature flags, since it is built with
+``-march=native``) into torch's extension cache (``TORCH_EXTENSIONS_DIR``). ``cpu_kernel`` in
+:class:`~tinylora_verl.config.TinyLoRAConfig` picks the policy: ``auto`` uses it when it builds and falls back
+to the torch ops with one warning when it does not, ``on`` raises instead, ``off`` never builds it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import sys
+import threading
+import warnings
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from .config import CPU_KERNELS
+
+SOURCE = Path(__file__).parent / "csrc" / "rank_r_update.cpp"
+# -fopenmp: at::parallel_for is header code that runs serially without it; the extension then links the libgomp
+# torch already loaded (same soname), not a second OpenMP runtime.
+CFLAGS = ("-O3", "-march=native", "-fopenmp")
+LDFLAGS = ("-fopenmp",)
+MAX_RANK = 16
+
+_lock = threading.Lock()
+_state: dict[str, object] = {}
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def build_name() -> str:
+    """The extension's name: changes with the source, the flags, torch, Python and the CPU's features."""
+    key = "\n".join([SOURCE.read_text(), " ".join(CFLAGS + LDFLAGS), torch.__version__, sys.version,
+                     platform.machine(), _cpu_flags()])
+    return "tinylora_verl_cpu_" + hashlib.sha256(key.encode()).hexdigest()[:12]
+
+
+def build_directory(name: str) -> Path:
+    """Where torch's extension builder keeps ``name``: ``TORCH_EXTENSIONS_DIR`` or its default cache root."""
+    from torch.utils import cpp_extension
+
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
+    return Path(root) / name
+
+
+def _build() -> Callable[..., None]:
+    from torch.utils import cpp_extension
+
+    if not hasattr(torch.ops.tinylora_verl, "add_rank_r_"):
+        name = build_name()
+        directory = build_directory(name)
+        if not (directory / f"{name}.so").exists():
+            print(f"[tinylora_verl] building the CPU kernel into {directory} (once per machine and torch version, "
+                  "~15 s)", file=sys.stderr, flush=True)
+        directory.mkdir(parents=True, exist_ok=True)
+        cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=list(CFLAGS), extra_ldflags=list(LDFLAGS),
+                           build_directory=str(directory), is_python_module=False, verbose=False)
+    return torch.ops.tinylora_verl.add_rank_r_
+
+
+def load(mode: str = "auto") -> Optional[Callable[..., None]]:
+    """The kernel ``add_rank_r_(y, a, core, bt)`` under ``mode`` (one of :data:`CPU_KERNELS`), or None.
+
+    The first call builds it (or finds it built); a failed build is remembered for the process: ``auto`` then
+    warns once and returns None, ``on`` raises with the build's error.
+    """
+    if mode not in CPU_KERNELS:
+        raise ValueError(f"`cpu_kernel` should be one of {list(CPU_KERNELS)}, but the value passed is {mode!r}")
+    if mode == "off":
+        return None
+    with _lock:
+        if "op" not in _state and "error" not in _state:
+            try:
+                _state["op"] = _build()
+            except Exception as e:  # a missing compiler or ninja, a failed compile or load
+                _state["error"] = f"{type(e).__name__}: {e}"
+                if mode == "auto":
+                    warnings.warn(f"tinylora_verl: the CPU kernel did not build, using torch ops instead "
+                                  f"(cpu_kernel='off' silences this; 'on' makes it an error): {_state['error']}",
+                                  RuntimeWarning, stacklevel=2)
+    if "error" in _state:
+        if mode == "on":
+            raise RuntimeError(f"cpu_kernel='on' but the TinyLoRA CPU kernel is unavailable: {_state['error']}")
+        return None
+    return _state["op"]  # type: ignore[return-value]
+
+
+def applies(y: torch.Tensor, a: torch.Tensor, bt: torch.Tensor) -> bool:
+    """Whether :func:`load` 's kernel computes ``y += (a core) bt`` for these tensors (else the torch ops do)."""
+    return (y.device.type == "cpu" and y.dtype in (torch.float32, torch.bfloat16) and a.dtype is torch.float32
+            and bt.dtype is torch.float32 and a.shape[1] <= MAX_RANK and y.is_contiguous() and a.stride(-1) == 1)
+
+
+__all__ = ["MAX_RANK", "SOURCE", "applies", "build_directory", "build_name", "load"]
