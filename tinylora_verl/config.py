@@ -45,7 +45,8 @@ class TinyLoRAConfig:
         init_std: standard deviation of the ``normal`` init.
         v_dtype: dtype of the trainable vectors; the paper finds float32 best even per byte.
         hook_dtype: precision of the adapter's update ΔW·x (the name predates the fused forward): ``float32``
-            computes it in float32 and casts once; ``activation`` computes it in the activations' dtype (bf16/fp16
+            computes it in float32 and casts once (into a CPU output, the kernel of ``cpu_kernel`` rounds the
+            float32 sum with the output once); ``activation`` computes it in the activations' dtype (bf16/fp16
             models; float32 models are unaffected), which saves the float32 copies of every adapted layer's input
             and output gradient at the cost of ~2 extra roundings of ΔW·x.
         cpu_kernel: the one-pass C++ kernel that adds a float32 update into a CPU model's float32/bf16 activations
