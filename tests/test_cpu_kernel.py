@@ -6,7 +6,7 @@ import warnings
 import pytest
 import torch
 
-from tests.conftest import assert_rounded_once_to_bf16
+from tests.conftest import assert_rounded_once_to_bf16, tiny_causal_lm
 from tinylora_verl import TinyLoRAConfig, cpu_kernel, inject_tinylora
 from tinylora_verl.ops import _add_rank_r_, factor_layouts, shared_projection, tinylora_linear
 
@@ -170,23 +170,14 @@ def test_fused_linear_on_the_kernel_matches_the_dense_formula(kernel, shared, ou
     torch.testing.assert_close(vs.grad.double(), vd.grad, rtol=1e-5, atol=1e-5)
 
 
-def tiny_llama(dtype):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=512, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
-    return LlamaForCausalLM(cfg).to(dtype).eval()
-
-
 @pytest.mark.parametrize("dtype, rtol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)], ids=["fp32", "bf16"])
 def test_model_on_and_off_the_kernel_agree(kernel, dtype, rtol):
-    """A tiny Llama (rows of 512 floats in its MLP) gives the same logits and v-gradients with the kernel on and
-    off; the layouts say which path ran."""
-    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(8))
+    """A tiny Qwen2 (q/k/v biases, shared projections) gives the same logits and v-gradients with the kernel on
+    and off; the layouts say which path ran."""
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(8))
     results = {}
     for mode in ("on", "off"):
-        model = tiny_llama(dtype)
+        model = tiny_causal_lm("qwen2", dtype=dtype)
         adapter = inject_tinylora(model, TinyLoRAConfig(tie_size=3, init="normal", init_std=0.05, cpu_kernel=mode))
         logits = model(input_ids=ids).logits
         logits.float().square().mean().backward()
