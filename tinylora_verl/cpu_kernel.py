@@ -27,7 +27,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .config import CPU_KERNELS
+from .config import CPU_KERNELS, _check_choice
 
 SOURCE = Path(__file__).parent / "csrc" / "rank_r_update.cpp"
 # -fopenmp: at::parallel_for is header code that runs serially without it; the extension then links the libgomp
@@ -86,8 +86,7 @@ def load(mode: str = "auto") -> Optional[Callable[..., None]]:
     The first call builds it (or finds it built); a failed build is remembered for the process: ``auto`` then
     warns once and returns None, ``on`` raises with the build's error.
     """
-    if mode not in CPU_KERNELS:
-        raise ValueError(f"`cpu_kernel` should be one of {list(CPU_KERNELS)}, but the value passed is {mode!r}")
+    _check_choice("cpu_kernel", mode, CPU_KERNELS)
     if mode == "off":
         return None
     with _lock:
