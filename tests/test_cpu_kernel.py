@@ -209,3 +209,13 @@ def test_fresh_build_says_so_once_then_loads(tmp_path):
     assert [r.stdout.strip() for r in runs] == ["12.0", "12.0"]
     assert "building the CPU kernel" in runs[0].stderr and "building" not in runs[1].stderr
     assert len(list(tmp_path.glob("tinylora_verl_cpu_*/*.so"))) == 1
+
+
+def test_layouts_that_cannot_use_the_kernel_never_build_it(failed_build):
+    """A bf16 model with hook_dtype=activation has only bf16 layouts: no build is tried, so no fallback warning."""
+    model = tiny_causal_lm("qwen2", dtype=torch.bfloat16)
+    inject_tinylora(model, TinyLoRAConfig(tie_size=3, hook_dtype="activation", cpu_kernel="on"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model(input_ids=torch.zeros(1, 4, dtype=torch.long))
+    assert cpu_kernel._state == {}

@@ -106,10 +106,15 @@ def load(mode: str = "auto") -> Optional[Callable[..., None]]:
     return _state["op"]  # type: ignore[return-value]
 
 
+def takes_factors(device: torch.device, dtype: torch.dtype, r: int) -> bool:
+    """Whether a layout of rank-``r`` factors in ``dtype`` on ``device`` can use the kernel (float32, CPU)."""
+    return device.type == "cpu" and dtype == torch.float32 and r <= MAX_RANK
+
+
 def applies(y: torch.Tensor, a: torch.Tensor, bt: torch.Tensor) -> bool:
     """Whether :func:`load` 's kernel computes ``y += (a core) bt`` for these tensors (else the torch ops do)."""
     return (y.device.type == "cpu" and y.dtype in (torch.float32, torch.bfloat16) and a.dtype is torch.float32
             and bt.dtype is torch.float32 and a.shape[1] <= MAX_RANK and y.is_contiguous() and a.stride(-1) == 1)
 
 
-__all__ = ["MAX_RANK", "SOURCE", "applies", "build_directory", "build_name", "load"]
+__all__ = ["MAX_RANK", "SOURCE", "applies", "build_directory", "build_name", "load", "takes_factors"]

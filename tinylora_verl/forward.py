@@ -113,7 +113,9 @@ class AdapterForwards:
         hit = self.layouts.get((name, dt))
         if (hit is None or hit[2] != versions or hit[1][0] is not U or hit[1][1] is not S or hit[1][2] is not V
                 or hit[1][3] is not P):
-            kernel = cpu_kernel.load(self.adapter.config.cpu_kernel) if U.device.type == "cpu" else None
+            # Only layouts that can use it build it: a bf16 layout (hook_dtype=activation) or a GPU one never does.
+            takes = cpu_kernel.takes_factors(U.device, dt, U.shape[1])
+            kernel = cpu_kernel.load(self.adapter.config.cpu_kernel) if takes else None
             hit = (factor_layouts(U, S, V, P, dtype=dt, kernel=kernel), (U, S, V, P), versions)
             self.layouts[(name, dt)] = hit
         return hit[0]

@@ -81,7 +81,7 @@ def factor_layouts(U: torch.Tensor, S: torch.Tensor, V: torch.Tensor, P: torch.T
     only for float32 factors on the CPU, the only ones it takes."""
     u, r, _ = P.shape
     PSt = (S[None, :, None] * P).transpose(1, 2).reshape(u, r * r).T.contiguous()  # (r·r, u)
-    keep = kernel is not None and U.device.type == "cpu" and dtype == torch.float32 and r <= cpu_kernel.MAX_RANK
+    keep = kernel is not None and cpu_kernel.takes_factors(U.device, dtype, r)
     return FactorLayout(U.T.to(dtype).contiguous(), V.T.to(dtype).contiguous(), PSt,
                         _by_columns(U.device, dtype, U.shape[0]), _by_columns(V.device, dtype, V.shape[0]),
                         kernel if keep else None)
