@@ -1,5 +1,5 @@
-"""The one-pass CPU kernel for ``y ← y + (a core) bt``: numerics against float64, its errors, its build policy, and
-the fused linear running on it."""
+"""The one-pass CPU kernels (``y ← y + (a core) bt``, the projection, the backward): numerics against float64,
+their errors, the build policy, and the fused linear running on them."""
 
 import warnings
 
@@ -8,7 +8,7 @@ import torch
 
 from tests.conftest import assert_rounded_once_to_bf16, tiny_causal_lm
 from tinylora_verl import TinyLoRAConfig, cpu_kernel, inject_tinylora
-from tinylora_verl.ops import _add_rank_r_, factor_layouts, shared_projection, tinylora_linear
+from tinylora_verl.ops import _add_rank_r_, _project, factor_layouts, shared_projection, tinylora_linear
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +41,7 @@ CASES = [("tiny", 3, 5, 2, False), ("one-row", 1, 576, 2, False), ("r1", 7, 33, 
 def test_float32_matches_float64(kernel, case, rows, n, r, strided):
     y, a, core, bt = operands(rows, n, r, torch.float32, seed=1, strided=strided)
     want = reference(y, a, core, bt)
-    kernel(y, a, core, bt)
+    kernel.add_rank_r_(y, a, core, bt)
     torch.testing.assert_close(y.double(), want, rtol=1e-6, atol=1e-6)
 
 
@@ -54,7 +54,7 @@ def test_bfloat16_is_the_float32_sum_rounded_once(kernel, case, rows, n, r, stri
     twice = y.clone()
     _add_rank_r_(twice, a.contiguous(), core, bt, by_columns=False)
     got = y.clone()
-    kernel(got, a, core, bt)
+    kernel.add_rank_r_(got, a, core, bt)
     assert_rounded_once_to_bf16(got, want)
     assert (got.double() - want).abs().mean() <= (twice.double() - want).abs().mean()
 
@@ -62,7 +62,7 @@ def test_bfloat16_is_the_float32_sum_rounded_once(kernel, case, rows, n, r, stri
 def test_nan_and_inf_pass_through(kernel):
     y, a, core, bt = operands(2, 4, 2, torch.bfloat16, seed=3)
     y[0, 0], y[1, 1] = float("nan"), float("inf")
-    kernel(y, a, core, bt)
+    kernel.add_rank_r_(y, a, core, bt)
     assert y[0, 0].isnan() and y[1, 1].isposinf()
 
 
@@ -84,8 +84,108 @@ ERRORS = [
 def test_bad_operands_are_refused_by_name(kernel, case, breaks, message):
     args = breaks(*operands(4, 6, 2, torch.float32, seed=4))
     with pytest.raises(RuntimeError, match=message):
-        kernel(*args)
+        kernel.add_rank_r_(*args)
 
+
+
+# (case, rows, n, k, strided x): n off the 16/64-wide vector steps and the 512-float blocks, k up to q/k/v's 3r.
+PROJECT_CASES = [("tiny", 3, 5, 2, False), ("one-row", 1, 576, 6, False), ("k1", 7, 33, 1, False),
+                 ("tails", 9, 1000, 3, False), ("wide", 300, 1536, 2, False), ("strided-x", 64, 100, 4, True)]
+
+
+def activation(rows, n, dtype, gen, strided=False):
+    x = torch.randn(rows, 2 * n if strided else n, generator=gen).to(dtype)  # (rows, n) or (rows, 2n)
+    return x[:, n // 2:n // 2 + n] if strided else x  # rows strided, as a view of a wider input is
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case, rows, n, k, strided", PROJECT_CASES, ids=[c[0] for c in PROJECT_CASES])
+def test_project_matches_float64(kernel, dtype, case, rows, n, k, strided):
+    """``x vtᵀ`` read from x in its own dtype (a bf16 x is exact in float32), summed in float32."""
+    gen = torch.Generator().manual_seed(11)
+    x = activation(rows, n, dtype, gen, strided)
+    vt = torch.randn(k, n, generator=gen) / n**0.5  # (k, n)
+    got = kernel.project(x, vt)
+    assert got.dtype == torch.float32 and got.shape == (rows, k)
+    torch.testing.assert_close(got.double(), x.double() @ vt.double().T, rtol=1e-5, atol=1e-5)
+
+
+# (case, rows, m = g's width, n = gx's width, r, strided h)
+BACKWARD_CASES = [("tiny", 3, 5, 4, 2, False), ("one-row", 1, 576, 192, 2, False), ("r1", 7, 33, 17, 1, False),
+                  ("r3-tails", 9, 1000, 70, 3, False), ("down", 300, 1536, 576, 2, False),
+                  ("strided-h", 64, 100, 120, 2, True)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case, rows, m, n, r, strided", BACKWARD_CASES, ids=[c[0] for c in BACKWARD_CASES])
+def test_backward_matches_float64(kernel, dtype, case, rows, m, n, r, strided):
+    """``gx + (g utᵀ) ctᵀ vt`` rounded once into gx, and ``hᵀ (g utᵀ)``, against float64; without gx the same
+    r x r gradient and nothing else."""
+    gen = torch.Generator().manual_seed(12)
+    g = torch.randn(rows, m, generator=gen).to(dtype)  # (rows, m)
+    h = torch.randn(rows, 3 * r if strided else r, generator=gen)
+    h = h[:, r:2 * r] if strided else h  # (rows, r)
+    ut, vt = torch.randn(r, m, generator=gen) / m**0.5, torch.randn(r, n, generator=gen) / n**0.5
+    ct = torch.randn(r, r, generator=gen)  # (r, r)
+    gx = torch.randn(rows, n, generator=gen).to(dtype)  # (rows, n)
+    gu = g.double() @ ut.double().T  # (rows, r)
+    want_gx = gx.double() + gu @ ct.double().T @ vt.double()
+    want_core = h.double().T @ gu  # (r, r)
+    got_core = kernel.rank_r_backward_(gx, g, h, ut, ct, vt)
+    torch.testing.assert_close(got_core.double(), want_core, rtol=1e-5, atol=1e-5)
+    if dtype == torch.float32:
+        torch.testing.assert_close(gx.double(), want_gx, rtol=1e-5, atol=1e-5)
+    else:
+        assert_rounded_once_to_bf16(gx, want_gx)
+    assert torch.equal(kernel.rank_r_backward_(None, g, h, ut, ct, vt), got_core)
+
+
+def test_projection_falls_back_to_torch_where_the_kernel_does_not_read(kernel):
+    """An fp16 x, a column-strided x and more than 16 stacked rows go to F.linear instead of raising."""
+    gen = torch.Generator().manual_seed(13)
+    vt = torch.randn(2, 8, generator=gen)
+    for x in (torch.randn(4, 8, generator=gen).half(), torch.randn(8, 4, generator=gen).T):
+        torch.testing.assert_close(_project(x, vt, kernel), x.float() @ vt.T)
+    x, wide = torch.randn(4, 8, generator=gen), torch.randn(17, 8, generator=gen)
+    torch.testing.assert_close(_project(x, wide, kernel), x @ wide.T)
+
+
+# (case, how to break a valid project(x, vt) call, message)
+PROJECT_ERRORS = [
+    ("shapes", lambda x, vt: (x, vt[:, :3]), r"project: shapes do not chain .* x \[4, 6\], vt \[2, 3\]"),
+    ("x-fp16", lambda x, vt: (x.half(), vt), r"project: x must be float32 or bfloat16, got Half"),
+    ("x-cols", lambda x, vt: (torch.zeros(6, 4).T, vt), r"project: x must be a CPU tensor with contiguous rows"),
+    ("vt-bf16", lambda x, vt: (x, vt.bfloat16()), r"project: vt must be float32, got BFloat16"),
+    ("rank", lambda x, vt: (x, torch.zeros(17, 6)), r"project: rank must be in \[1, 16\], got 17"),
+    ("not-2d", lambda x, vt: (x[None], vt), r"project: x, vt must be 2-D, got shapes \[1, 4, 6\], \[2, 6\]"),
+]
+
+
+@pytest.mark.parametrize("case, breaks, message", PROJECT_ERRORS, ids=[e[0] for e in PROJECT_ERRORS])
+def test_project_refuses_bad_operands_by_name(kernel, case, breaks, message):
+    gen = torch.Generator().manual_seed(14)
+    with pytest.raises(RuntimeError, match=message):
+        kernel.project(*breaks(torch.randn(4, 6, generator=gen), torch.randn(2, 6, generator=gen)))
+
+
+# (case, how to break a valid rank_r_backward_(gx, g, h, ut, ct, vt) call, message)
+BACKWARD_ERRORS = [
+    ("gx-shape", lambda a: (a[0][:, :5], *a[1:]), r"gx must be \(rows, n\) = \(4, 6\), got \[4, 5\]"),
+    ("gx-fp16", lambda a: (a[0].half(), *a[1:]), r"gx must be float32 or bfloat16, got Half"),
+    ("g-fp16", lambda a: (a[0], a[1].half(), *a[2:]), r"g must be float32 or bfloat16, got Half"),
+    ("h-bf16", lambda a: (*a[:2], a[2].bfloat16(), *a[3:]), r"h must be float32, got BFloat16"),
+    ("ct-t", lambda a: (*a[:4], torch.zeros(2, 2).T, a[5]), r"ct must be contiguous"),
+    ("chain", lambda a: (*a[:3], a[3][:, :4], *a[4:]), r"shapes do not chain .* ut \[2, 4\]"),
+]
+
+
+@pytest.mark.parametrize("case, breaks, message", BACKWARD_ERRORS, ids=[e[0] for e in BACKWARD_ERRORS])
+def test_backward_refuses_bad_operands_by_name(kernel, case, breaks, message):
+    gen = torch.Generator().manual_seed(15)
+    args = (torch.randn(4, 6, generator=gen), torch.randn(4, 5, generator=gen), torch.randn(4, 2, generator=gen),
+            torch.randn(2, 5, generator=gen), torch.randn(2, 2, generator=gen), torch.randn(2, 6, generator=gen))
+    with pytest.raises(RuntimeError, match=f"rank_r_backward_: .*{message}"):
+        kernel.rank_r_backward_(*breaks(args))
 
 @pytest.fixture
 def failed_build(monkeypatch):
@@ -158,7 +258,7 @@ def test_fused_linear_on_the_kernel_matches_the_dense_formula(kernel, shared, ou
     g = torch.randn(2, 3, out_f, generator=gen)
     layout = factor_layouts(U, S, V, P, torch.float32, kernel=kernel)
     xs, vs = x.clone().requires_grad_(True), v.clone().requires_grad_(True)
-    h = shared_projection(xs, layout.Vt) if shared else None
+    h = shared_projection(xs, layout.Vt, kernel) if shared else None
     got = tinylora_linear(xs, W, None, vs, layout, h)
     got.backward(g)
     xd, vd = x.double().requires_grad_(True), v.double().requires_grad_(True)
@@ -202,7 +302,7 @@ def test_fresh_build_says_so_once_then_loads(tmp_path):
 
     env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path)}
     code = ("import torch; from tinylora_verl import cpu_kernel; op = cpu_kernel.load('on'); y = torch.zeros(2, 3); "
-            "op(y, torch.ones(2, 2), torch.eye(2), torch.ones(2, 3)); print(y.sum().item())")
+            "op.add_rank_r_(y, torch.ones(2, 2), torch.eye(2), torch.ones(2, 3)); print(y.sum().item())")
     runs = [subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
             for _ in range(2)]
     assert [r.returncode for r in runs] == [0, 0], runs[0].stderr[-2000:]

@@ -49,10 +49,11 @@ class TinyLoRAConfig:
             float32 sum with the output once); ``activation`` computes it in the activations' dtype (bf16/fp16
             models; float32 models are unaffected), which saves the float32 copies of every adapted layer's input
             and output gradient at the cost of ~2 extra roundings of ΔW·x.
-        cpu_kernel: the one-pass C++ kernel that adds a float32 update into a CPU model's float32/bf16 activations
-            (:mod:`tinylora_verl.cpu_kernel`, built on first use with g++): ``auto`` uses it when it builds and
-            falls back to torch ops with a warning, ``on`` makes a failed build an error, ``off`` never builds it.
-            GPU tensors always take torch ops.
+        cpu_kernel: the one-pass C++ kernels of the update on a CPU model's float32/bf16 activations (the
+            projections ``x V`` / ``g U``, the add into the output, the backward; :mod:`tinylora_verl.cpu_kernel`,
+            built on first use with g++): ``auto`` uses them when they build and falls back to torch ops with a
+            warning, ``on`` makes a failed build an error, ``off`` never builds them. GPU tensors always take torch
+            ops.
     """
 
     r: int = field(default=2, metadata={"help": "Frozen SVD rank of each target weight (paper: 2)."})
@@ -75,8 +76,8 @@ class TinyLoRAConfig:
         "help": f"Precision of the update ΔW·x: one of {HOOK_DTYPES}; 'activation' runs the rank-r products in a "
                 "bf16/fp16 model's own dtype (no activation casts, fused add)."})
     cpu_kernel: str = field(default="auto", metadata={
-        "help": f"One-pass C++ kernel for the update on CPU tensors: one of {CPU_KERNELS}; 'auto' falls back to "
-                "torch ops if it does not build, 'on' raises, 'off' never builds it."})
+        "help": f"One-pass C++ kernels for the update's passes over CPU activations: one of {CPU_KERNELS}; 'auto' "
+                "falls back to torch ops if they do not build, 'on' raises, 'off' never builds them."})
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, str):

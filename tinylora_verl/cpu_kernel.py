@@ -1,10 +1,11 @@
-"""The CPU kernel for the rank-r update ``y ← y + (a core) bt``, built on first use from ``csrc/rank_r_update.cpp``.
+"""The CPU kernels of the adapter's passes over activations, built on first use from ``csrc/rank_r_update.cpp``.
 
-Why a kernel: on the CPU the adapter's overhead is bound by passes over activation-sized tensors, not FLOPs
+Why kernels: on the CPU the adapter's overhead is bound by passes over activation-sized tensors, not FLOPs
 (bench/overhead.py). With torch ops the update ``y += (a core) bt`` is a (tokens, r) x (r, r) GEMM, a K = r GEMM
 into a fresh (tokens, n) tensor and an add (plus a cast into a bf16 ``y``), and MKL's K = 2 GEMM is slow on rows
 of a multiple of 512 floats: 180 µs a call at 256 x 1536 inside a bf16 SmolLM2 step, 16 ms of its 600. The
-kernel is one pass over ``y``: read, add the r products in float32, round once, write. Into a bf16 ``y`` that is
+projections ``h = x V`` and ``gU = g U`` of a bf16 model first cast the activation into a fresh float32 copy.
+Each kernel is one pass (:class:`Kernels`): read, sum in float32, round once, write. Into a bf16 ``y`` that is
 also one rounding fewer than casting the float32 update and adding it.
 
 It is built with torch's own extension builder (g++ and ninja, ~15 s once per machine and torch version; the
@@ -23,7 +24,7 @@ import sys
 import threading
 import warnings
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 
@@ -36,6 +37,23 @@ CFLAGS = ("-O3", "-march=native", "-fopenmp")
 LDFLAGS = ("-fopenmp",)
 MAX_RANK = 16
 
+
+
+class Kernels(NamedTuple):
+    """The compiled ops (``torch.ops.tinylora_verl.*``), float32 factors and float32 or bf16 activations:
+
+    - ``add_rank_r_(y, a, core, bt)``: ``y ← y + (a core) bt`` in place.
+    - ``project(x, vt) -> h``: ``h = x vtᵀ`` (rows, k) float32, ``x`` read in its own dtype.
+    - ``rank_r_backward_(gx, g, h, ut, ct, vt) -> hᵀ gU``: with ``gU = g utᵀ``, ``gx ← gx + gU ctᵀ vt`` in place
+      (``gx`` may be None) and ``hᵀ gU`` (r, r) summed in float64; ``gU`` itself is never materialised.
+    """
+
+    add_rank_r_: Callable[..., None]
+    project: Callable[..., torch.Tensor]
+    rank_r_backward_: Callable[..., torch.Tensor]
+
+
+OPS = Kernels._fields
 _lock = threading.Lock()
 _state: dict[str, object] = {}
 
@@ -65,10 +83,10 @@ def build_directory(name: str) -> Path:
     return Path(root) / name
 
 
-def _build() -> Callable[..., None]:
+def _build() -> Kernels:
     from torch.utils import cpp_extension
 
-    if not hasattr(torch.ops.tinylora_verl, "add_rank_r_"):
+    if not all(hasattr(torch.ops.tinylora_verl, op) for op in OPS):
         name = build_name()
         directory = build_directory(name)
         if not (directory / f"{name}.so").exists():
@@ -77,11 +95,11 @@ def _build() -> Callable[..., None]:
         directory.mkdir(parents=True, exist_ok=True)
         cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=list(CFLAGS), extra_ldflags=list(LDFLAGS),
                            build_directory=str(directory), is_python_module=False, verbose=False)
-    return torch.ops.tinylora_verl.add_rank_r_
+    return Kernels(*(getattr(torch.ops.tinylora_verl, op) for op in OPS))
 
 
-def load(mode: str = "auto") -> Optional[Callable[..., None]]:
-    """The kernel ``add_rank_r_(y, a, core, bt)`` under ``mode`` (one of :data:`CPU_KERNELS`), or None.
+def load(mode: str = "auto") -> Optional[Kernels]:
+    """The :class:`Kernels` under ``mode`` (one of :data:`CPU_KERNELS`), or None.
 
     The first call builds it (or finds it built); a failed build is remembered for the process: ``auto`` then
     warns once and returns None, ``on`` raises with the build's error.
@@ -111,10 +129,17 @@ def takes_factors(device: torch.device, dtype: torch.dtype, r: int) -> bool:
     return device.type == "cpu" and dtype == torch.float32 and r <= MAX_RANK
 
 
+def reads(t: torch.Tensor) -> bool:
+    """Whether the kernels take ``t`` as an activation: a 2-D float32 or bf16 CPU tensor with contiguous rows."""
+    return (t.device.type == "cpu" and t.dtype in (torch.float32, torch.bfloat16) and t.dim() == 2
+            and t.stride(-1) == 1 and t.stride(0) >= t.shape[1])
+
+
 def applies(y: torch.Tensor, a: torch.Tensor, bt: torch.Tensor) -> bool:
     """Whether :func:`load` 's kernel computes ``y += (a core) bt`` for these tensors (else the torch ops do)."""
-    return (y.device.type == "cpu" and y.dtype in (torch.float32, torch.bfloat16) and a.dtype is torch.float32
-            and bt.dtype is torch.float32 and a.shape[1] <= MAX_RANK and y.is_contiguous() and a.stride(-1) == 1)
+    return (reads(y) and y.is_contiguous() and a.dtype is torch.float32 and bt.dtype is torch.float32
+            and a.shape[1] <= MAX_RANK and a.stride(-1) == 1)
 
 
-__all__ = ["MAX_RANK", "SOURCE", "applies", "build_directory", "build_name", "load", "takes_factors"]
+__all__ = ["Kernels", "MAX_RANK", "OPS", "SOURCE", "applies", "build_directory", "build_name", "load", "reads",
+           "takes_factors"]

@@ -134,7 +134,7 @@ class AdapterForwards:
             if stacked is None or any(a is not b for a, b in zip(stacked[0], layouts)):
                 stacked = (layouts, torch.cat([lay.Vt for lay in layouts], dim=0))  # (k·r, in)
                 self.stacked_vt[(key, dt)] = stacked
-            cached = (weakref.ref(x), shared_projection(x, stacked[1]), [len(siblings)])
+            cached = (weakref.ref(x), shared_projection(x, stacked[1], stacked[0][0].kernel), [len(siblings)])
             self.shared_inputs[key] = cached
         cached[2][0] -= 1
         if cached[2][0] == 0:

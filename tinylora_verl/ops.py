@@ -16,15 +16,16 @@ Why not plain autograd: every op of the update would be its own node and its own
 (tokens, in) tensor; the overhead benchmark (bench/overhead.py) is bound by those passes and by per-op dispatch, not
 by FLOPs (the GEMMs are rank r = 2). Here the update is one in-place ``addmm_``, ``(Σ M)ᵀ`` is one matrix-vector
 product (from a :class:`FactorLayout` the adapter caches per module), and the backward is three thin GEMMs. On the
-CPU the in-place add is, where it applies, one pass of a C++ kernel (:mod:`.cpu_kernel`: float32 sum rounded once
-into y) instead of three torch ops. Layout: the thin factors enter every GEMM as ``(r, dim)`` row-major (``Vᵀ``,
+CPU, where they apply, C++ kernels (:mod:`.cpu_kernel`) do each of these passes in one: the projection reads x
+in its own dtype, the add rounds the float32 sum once into y, and the backward reads g once for ``gU``, ``hᵀ gU``
+and the in-place add into ``∂L/∂x``. Layout: the thin factors enter every GEMM as ``(r, dim)`` row-major (``Vᵀ``,
 ``Uᵀ``), the transposed operand; with torch 2.13's CPU BLAS a (tokens, dim) x (dim, 2) product is ~4x faster that
 way than with the (dim, 2) factor contiguous (16 vs 65 µs at 256 x 576).
 """
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -56,8 +57,8 @@ class FactorLayout(NamedTuple):
     ``Ut = Uᵀ`` (r, out) and ``Vt = Vᵀ`` (r, in) contiguous; ``PSt`` (r·r, u) float32 with
     ``PSt @ v = vec((Σ M)ᵀ)``, ``PSt[(k, j), i] = Sⱼ (Pᵢ)ⱼₖ``, so the mixed core is one matrix-vector product.
     ``out_by_columns`` / ``in_by_columns``: add the rank-r update to a row of ``out`` / ``in`` floats as r broadcast
-    multiply-adds instead of one GEMM (see :func:`factor_layouts`). ``kernel``: the one-pass CPU kernel
-    (:mod:`tinylora_verl.cpu_kernel`) that adds it instead, where it applies; None: torch ops only.
+    multiply-adds instead of one GEMM (see :func:`factor_layouts`). ``kernel``: the one-pass CPU kernels
+    (:class:`tinylora_verl.cpu_kernel.Kernels`) that project and add instead, where they apply; None: torch ops.
     """
 
     Ut: torch.Tensor
@@ -65,7 +66,7 @@ class FactorLayout(NamedTuple):
     PSt: torch.Tensor
     out_by_columns: bool
     in_by_columns: bool
-    kernel: Optional[Callable[..., None]] = None
+    kernel: Optional[cpu_kernel.Kernels] = None
 
 
 def _by_columns(device: torch.device, dtype: torch.dtype, width: int) -> bool:
@@ -76,7 +77,7 @@ def _by_columns(device: torch.device, dtype: torch.dtype, width: int) -> bool:
 
 
 def factor_layouts(U: torch.Tensor, S: torch.Tensor, V: torch.Tensor, P: torch.Tensor,
-                   dtype: torch.dtype, kernel: Optional[Callable[..., None]] = None) -> FactorLayout:
+                   dtype: torch.dtype, kernel: Optional[cpu_kernel.Kernels] = None) -> FactorLayout:
     """:class:`FactorLayout` from ``U`` (out, r), ``S`` (r,), ``V`` (in, r), ``P`` (u, r, r); ``kernel`` is kept
     only for float32 factors on the CPU, the only ones it takes."""
     u, r, _ = P.shape
@@ -99,7 +100,7 @@ def _core_t(v: torch.Tensor, PSt: torch.Tensor, r: int) -> torch.Tensor:
 
 
 def _add_rank_r_(y2d: torch.Tensor, a: torch.Tensor, core: torch.Tensor, bt: torch.Tensor, by_columns: bool,
-                 kernel: Optional[Callable[..., None]] = None) -> None:
+                 kernel: Optional[cpu_kernel.Kernels] = None) -> None:
     """``y ← y + (a core) bt`` in place, for ``y2d`` (tokens, n), ``a`` (tokens, r), ``core`` (r, r), ``bt`` (r, n).
 
     With ``kernel`` (and tensors it takes): one pass, the float32 sum rounded once into ``y``. Otherwise torch
@@ -107,7 +108,7 @@ def _add_rank_r_(y2d: torch.Tensor, a: torch.Tensor, core: torch.Tensor, bt: tor
     mixed-dtype ``add_`` of the float32 product, one rounding fewer, measured slower: 1.21x vs 1.16x bf16 overhead.)
     """
     if kernel is not None and cpu_kernel.applies(y2d, a, bt):
-        kernel(y2d, a, core.contiguous(), bt)
+        kernel.add_rank_r_(y2d, a, core.contiguous(), bt)
         return
     a2 = torch.mm(a, _as(core, a.dtype))  # (tokens, r)
     if y2d.dtype is not bt.dtype:
@@ -119,19 +120,27 @@ def _add_rank_r_(y2d: torch.Tensor, a: torch.Tensor, core: torch.Tensor, bt: tor
         y2d.addmm_(a2, bt)
 
 
-def _project(x2d: torch.Tensor, Vt: torch.Tensor) -> torch.Tensor:
-    """``h = x V`` (tokens, k) in ``Vt`` 's dtype, from ``x2d`` (tokens, in) and ``Vt = Vᵀ`` (k, in)."""
+def _project(x2d: torch.Tensor, Vt: torch.Tensor, kernel: Optional[cpu_kernel.Kernels] = None) -> torch.Tensor:
+    """``h = x V`` (tokens, k) in ``Vt`` 's dtype, from ``x2d`` (tokens, in) and ``Vt = Vᵀ`` (k, in); with ``kernel``
+    (and an ``x`` it reads) one pass over x in its own dtype, without a float32 copy of a bf16 x."""
+    if kernel is not None and cpu_kernel.reads(x2d) and Vt.shape[0] <= cpu_kernel.MAX_RANK:
+        return kernel.project(x2d, Vt)
     return F.linear(_as(x2d, Vt.dtype), Vt)
 
 
+def _grad_v(grad_core: torch.Tensor, PSt: torch.Tensor, v_dtype: torch.dtype) -> torch.Tensor:
+    """``∂L/∂v = PStᵀ vec(∂L/∂(Σ M)ᵀ)`` (u,) in float32, then in v's dtype."""
+    return _as(torch.mv(PSt.T, _as(grad_core, PSt.dtype).view(-1)), v_dtype)  # (u,)
+
+
 def _grads(g2d: torch.Tensor, h2d: torch.Tensor, v_dtype: torch.dtype, PSt: torch.Tensor, Ut: torch.Tensor,
-           need_v: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+           need_v: bool, kernel: Optional[cpu_kernel.Kernels] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """``gU = g U`` (tokens, r) and ``∂L/∂v = PStᵀ vec(hᵀ gU)`` (u,), the latter in float32 then v's dtype."""
-    gU = _project(g2d, Ut)  # (tokens, r)
+    gU = _project(g2d, Ut, kernel)  # (tokens, r)
     grad_v = None
     if need_v:
         grad_core = torch.mm(_as(h2d, PSt.dtype).T, _as(gU, PSt.dtype))  # (r, r) = ∂L/∂(Σ M)ᵀ
-        grad_v = _as(torch.mv(PSt.T, grad_core.view(-1)), v_dtype)  # (u,)
+        grad_v = _grad_v(grad_core, PSt, v_dtype)
     return gU, grad_v
 
 
@@ -165,7 +174,7 @@ class TinyLoRALinear(torch.autograd.Function):
         r = layout.Ut.shape[0]
         core_t = _core_t(v, layout.PSt, r)  # (r, r)
         if h is None:
-            h = _project(x.reshape(-1, x.shape[-1]), layout.Vt)  # (tokens, r)
+            h = _project(x.reshape(-1, x.shape[-1]), layout.Vt, layout.kernel)  # (tokens, r)
         _add_rank_r_(y.view(-1, y.shape[-1]), h, core_t, layout.Ut, layout.out_by_columns, layout.kernel)
         # Only activations (and the weight, as F.linear's own node keeps it) go through save_for_backward, so
         # saved-tensor hooks (offloading, checkpointing) see them; the cached layout and the r x r core are
@@ -180,11 +189,19 @@ class TinyLoRALinear(torch.autograd.Function):
         need_x, need_w, need_b, need_v = ctx.needs_input_grad[:4]
         g2d = g.reshape(-1, g.shape[-1])  # (tokens, out)
         grad_x = grad_w = grad_b = grad_v = None
-        if need_x or need_v:
-            gU, grad_v = _grads(g2d, h, v_dtype, layout.PSt, layout.Ut, need_v)
         if need_x:
             grad_x = _as(torch.mm(g2d, wb), x_dtype)  # (tokens, in)
-            _add_rank_r_(grad_x, gU, core_t.T, layout.Vt, layout.in_by_columns, layout.kernel)
+        kernel = layout.kernel
+        if (need_x or need_v) and kernel is not None and cpu_kernel.reads(g2d) and (
+                grad_x is None or cpu_kernel.reads(grad_x)):
+            # One pass over g (and grad_x): gU stays in registers, no float32 copy of a bf16 g.
+            grad_core = kernel.rank_r_backward_(grad_x, g2d, h, layout.Ut, core_t, layout.Vt)  # (r, r)
+            grad_v = _grad_v(grad_core, layout.PSt, v_dtype) if need_v else None
+        elif need_x or need_v:
+            gU, grad_v = _grads(g2d, h, v_dtype, layout.PSt, layout.Ut, need_v)
+            if need_x:
+                _add_rank_r_(grad_x, gU, core_t.T, layout.Vt, layout.in_by_columns, kernel)
+        if need_x:
             grad_x = grad_x.view(x_shape)
         if need_w:
             grad_w = torch.mm(g2d.T, xb.reshape(-1, xb.shape[-1])).to(w_dtype)  # (out, in)
@@ -204,7 +221,7 @@ class AddLowRankUpdate(torch.autograd.Function):
     def forward(ctx, y: torch.Tensor, x: torch.Tensor, v: torch.Tensor, layout: FactorLayout) -> torch.Tensor:
         r = layout.Ut.shape[0]
         core_t = _core_t(v, layout.PSt, r)  # (r, r)
-        h = _project(x.reshape(-1, x.shape[-1]), layout.Vt)  # (tokens, r)
+        h = _project(x.reshape(-1, x.shape[-1]), layout.Vt, layout.kernel)  # (tokens, r)
         _add_rank_r_(y.view(-1, y.shape[-1]), h, core_t, layout.Ut, layout.out_by_columns, layout.kernel)
         ctx.mark_dirty(y)
         ctx.save_for_backward(h)
@@ -214,7 +231,8 @@ class AddLowRankUpdate(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g: torch.Tensor):
         (h,), (layout, core_t, v_dtype, x_shape, x_dtype) = ctx.saved_tensors, ctx.consts
-        gU, grad_v = _grads(g.reshape(-1, g.shape[-1]), h, v_dtype, layout.PSt, layout.Ut, ctx.needs_input_grad[2])
+        gU, grad_v = _grads(g.reshape(-1, g.shape[-1]), h, v_dtype, layout.PSt, layout.Ut, ctx.needs_input_grad[2],
+                            layout.kernel)
         grad_x = None
         if ctx.needs_input_grad[1]:
             grad_h = torch.mm(gU, _as(core_t.T, gU.dtype))  # (tokens, r)
@@ -246,11 +264,11 @@ def add_low_rank_update(y: torch.Tensor, x: torch.Tensor, v: torch.Tensor, layou
         return AddLowRankUpdate.apply(y, x, v, layout)
 
 
-def shared_projection(x: torch.Tensor, Vt: torch.Tensor) -> torch.Tensor:
+def shared_projection(x: torch.Tensor, Vt: torch.Tensor, kernel: Optional[cpu_kernel.Kernels] = None) -> torch.Tensor:
     """``h = x [V₁ … V_k]`` (tokens, k·r) in ``Vt`` 's dtype from the stacked ``Vt`` (k·r, in), outside autograd
     (each module's :class:`TinyLoRALinear` adds its own share of x's gradient) and outside autocast."""
     with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
-        return _project(x.reshape(-1, x.shape[-1]), Vt)
+        return _project(x.reshape(-1, x.shape[-1]), Vt, kernel)
 
 
 __all__ = ["AddLowRankUpdate", "FactorLayout", "SHARED_INPUT_TYPES", "TinyLoRALinear", "add_low_rank_update",
