@@ -48,9 +48,6 @@ inline int64_t grain_rows(int64_t n) { return std::max<int64_t>(1, 16384 / std::
 typedef float v16 __attribute__((vector_size(64), aligned(4)));
 inline v16 load16(const float* p) { return *reinterpret_cast<const v16*>(p); }
 
-inline float to_float(float v) { return v; }
-inline float to_float(uint16_t b) { return bf16_bits_to_float(b); }
-
 // acc_k = sum_j x_j w_kj over one row of n elements, for k < kk (w (kk, n) row-major). bf16 rows are widened a
 // block at a time, so each element is converted once however many outputs read it.
 template <typename T>
@@ -65,7 +62,7 @@ void row_dots(const T* x, int64_t n, const float* w, int64_t kk, float* acc) {
       xs = x + j0;
     } else {
 #pragma omp simd
-      for (int64_t j = 0; j < len; ++j) buf[j] = to_float(x[j0 + j]);
+      for (int64_t j = 0; j < len; ++j) buf[j] = bf16_bits_to_float(x[j0 + j]);
       xs = buf;
     }
     for (int64_t k = 0; k < kk; ++k) {
@@ -86,6 +83,15 @@ void row_dots(const T* x, int64_t n, const float* w, int64_t kk, float* acc) {
       for (; j < len; ++j) s += xs[j] * wk[j];
       acc[k] += s;
     }
+  }
+}
+
+// c_k = sum_j a_j m_jk for the r x r mixing matrix m, stored row-major or (transposed) as its transpose.
+inline void mix_row(const float* a, const float* m, int64_t r, bool transposed, float* c) {
+  for (int64_t k = 0; k < r; ++k) {
+    float s = 0.f;
+    for (int64_t j = 0; j < r; ++j) s += a[j] * (transposed ? m[k * r + j] : m[j * r + k]);
+    c[k] = s;
   }
 }
 
@@ -113,12 +119,7 @@ void add_rows(int64_t rows, int64_t n, int64_t r, const float* a, int64_t lda, c
   at::parallel_for(0, rows, grain_rows(n), [&](int64_t begin, int64_t end) {
     float c[kMaxRank];
     for (int64_t t = begin; t < end; ++t) {
-      const float* at_ = a + t * lda;
-      for (int64_t k = 0; k < r; ++k) {
-        float s = 0.f;
-        for (int64_t j = 0; j < r; ++j) s += at_[j] * core[j * r + k];
-        c[k] = s;
-      }
+      mix_row(a + t * lda, core, r, false, c);
       add_row(t * n, n, r, c, bt, load, store);
     }
   });
@@ -261,12 +262,7 @@ at::Tensor rank_r_backward_(const std::optional<at::Tensor>& gx, const at::Tenso
           for (int64_t j = 0; j < r; ++j)
             for (int64_t k = 0; k < r; ++k) acc[j * r + k] += static_cast<double>(ht[j]) * gu[k];
           if (add) {
-            // c = gU ct^T: (gU (Sigma M))_k' = sum_k gU_k ct_k'k
-            for (int64_t kp = 0; kp < r; ++kp) {
-              float s = 0.f;
-              for (int64_t k = 0; k < r; ++k) s += gu[k] * Ct[kp * r + k];
-              c[kp] = s;
-            }
+            mix_row(gu, Ct, r, true, c);  // c = gU ct^T = gU (Sigma M)
             add_row(t * n, n, r, c, Vt, load, store);
           }
         }
