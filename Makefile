@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 # The strict editable install links each file once, so a new module or recipe must re-run setup: the stamp
 # covers the file list as well as the pins.
-STAMP := $(VENV)/.tinylora-setup-$(shell (cat requirements/cpu.txt pyproject.toml setup.py; find tinylora_verl hydra_plugins hydra_configs \( -name '*.py' -o -name '*.yaml' -o -name '*.cpp' \) | sort) | sha256sum | cut -c1-12)
+STAMP := $(VENV)/.tinylora-setup-$(shell (cat requirements/cpu.txt pyproject.toml setup.py; find tinylora_verl hydra_plugins hydra_configs \( -name '*.py' -o -name '*.yaml' -o -name '*.cpp' -o -name '*.h' \) | sort) | sha256sum | cut -c1-12)
 PYTEST_ARGS ?=
 DEMO_STEPS ?= 4
 

@@ -50,8 +50,8 @@ class TinyLoRAConfig:
             models; float32 models are unaffected), which saves the float32 copies of every adapted layer's input
             and output gradient at the cost of ~2 extra roundings of ΔW·x.
         cpu_kernel: the one-pass C++ kernels of the update on a CPU model's float32/bf16 activations (the
-            projections ``x V`` / ``g U``, the add into the output, the backward; :mod:`tinylora_verl.cpu_kernel`,
-            built on first use with g++): ``auto`` uses them when they build and falls back to torch ops with a
+            projections ``x V`` / ``g U``, the add into the output, the backward) and the fused linear as one C++
+            autograd node over them (:mod:`tinylora_verl.cpu_kernel`, built on first use with g++): ``auto`` uses them when they build and falls back to torch ops with a
             warning, ``on`` makes a failed build an error, ``off`` never builds them. GPU tensors always take torch
             ops.
     """
@@ -76,7 +76,8 @@ class TinyLoRAConfig:
         "help": f"Precision of the update ΔW·x: one of {HOOK_DTYPES}; 'activation' runs the rank-r products in a "
                 "bf16/fp16 model's own dtype (no activation casts, fused add)."})
     cpu_kernel: str = field(default="auto", metadata={
-        "help": f"One-pass C++ kernels for the update's passes over CPU activations: one of {CPU_KERNELS}; 'auto' "
+        "help": f"One-pass C++ kernels for the update's passes over CPU activations, and the fused linear as a C++ "
+                f"autograd node: one of {CPU_KERNELS}; 'auto' "
                 "falls back to torch ops if they do not build, 'on' raises, 'off' never builds them."})
 
     def __post_init__(self) -> None:

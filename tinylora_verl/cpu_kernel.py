@@ -6,9 +6,10 @@ into a fresh (tokens, n) tensor and an add (plus a cast into a bf16 ``y``), and 
 of a multiple of 512 floats: 180 µs a call at 256 x 1536 inside a bf16 SmolLM2 step, 16 ms of its 600. The
 projections ``h = x V`` and ``gU = g U`` of a bf16 model first cast the activation into a fresh float32 copy.
 Each kernel is one pass (:class:`Kernels`): read, sum in float32, round once, write. Into a bf16 ``y`` that is
-also one rounding fewer than casting the float32 update and adding it.
+also one rounding fewer than casting the float32 update and adding it. Over them, ``linear`` is the whole fused
+node in C++ (``csrc/fused_linear.cpp``): what was left after the kernels was Python, ~100 µs per linear and step.
 
-It is built with torch's own extension builder (g++ and ninja, ~15 s once per machine and torch version; the
+It is built with torch's own extension builder (g++ and ninja, ~30 s once per machine and torch version; the
 build directory is keyed by the source, the flags and the CPU's feature flags, since it is built with
 ``-march=native``) into torch's extension cache (``TORCH_EXTENSIONS_DIR``). ``cpu_kernel`` in
 :class:`~tinylora_verl.config.TinyLoRAConfig` picks the policy: ``auto`` uses it when it builds and falls back
@@ -30,7 +31,10 @@ import torch
 
 from .config import CPU_KERNELS, _check_choice
 
-SOURCE = Path(__file__).parent / "csrc" / "rank_r_update.cpp"
+CSRC = Path(__file__).parent / "csrc"
+# The kernels, the fused linear's autograd node, and their shared header (hashed into the name, not compiled).
+SOURCES = (CSRC / "rank_r_update.cpp", CSRC / "fused_linear.cpp")
+HEADERS = (CSRC / "rank_r_kernels.h",)
 # -fopenmp: at::parallel_for is header code that runs serially without it; the extension then links the libgomp
 # torch already loaded (same soname), not a second OpenMP runtime.
 CFLAGS = ("-O3", "-march=native", "-fopenmp")
@@ -46,11 +50,15 @@ class Kernels(NamedTuple):
     - ``project(x, vt) -> h``: ``h = x vtᵀ`` (rows, k) float32, ``x`` read in its own dtype.
     - ``rank_r_backward_(gx, g, h, ut, ct, vt) -> hᵀ gU``: with ``gU = g utᵀ``, ``gx ← gx + gU ctᵀ vt`` in place
       (``gx`` may be None) and ``hᵀ gU`` (r, r) summed in float64; ``gU`` itself is never materialised.
+    - ``linear(x, weight, bias, v, h, ut, vt, pst, cast_dtype) -> y``: the whole fused TinyLoRA linear
+      (:class:`tinylora_verl.ops.TinyLoRALinear`'s arithmetic) as one C++ autograd node over these kernels,
+      forward and backward without Python (``csrc/fused_linear.cpp``).
     """
 
     add_rank_r_: Callable[..., None]
     project: Callable[..., torch.Tensor]
     rank_r_backward_: Callable[..., torch.Tensor]
+    linear: Callable[..., torch.Tensor]
 
 
 OPS = Kernels._fields
@@ -70,8 +78,8 @@ def _cpu_flags() -> str:
 
 def build_name() -> str:
     """The extension's name: changes with the source, the flags, torch, Python and the CPU's features."""
-    key = "\n".join([SOURCE.read_text(), " ".join(CFLAGS + LDFLAGS), torch.__version__, sys.version,
-                     platform.machine(), _cpu_flags()])
+    key = "\n".join([*(p.read_text() for p in SOURCES + HEADERS), " ".join(CFLAGS + LDFLAGS), torch.__version__,
+                     sys.version, platform.machine(), _cpu_flags()])
     return "tinylora_verl_cpu_" + hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
@@ -91,10 +99,11 @@ def _build() -> Kernels:
         directory = build_directory(name)
         if not (directory / f"{name}.so").exists():
             print(f"[tinylora_verl] building the CPU kernel into {directory} (once per machine and torch version, "
-                  "~15 s)", file=sys.stderr, flush=True)
+                  "~30 s)", file=sys.stderr, flush=True)
         directory.mkdir(parents=True, exist_ok=True)
-        cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=list(CFLAGS), extra_ldflags=list(LDFLAGS),
-                           build_directory=str(directory), is_python_module=False, verbose=False)
+        cpp_extension.load(name=name, sources=[str(p) for p in SOURCES], extra_cflags=list(CFLAGS),
+                           extra_ldflags=list(LDFLAGS), build_directory=str(directory), is_python_module=False,
+                           verbose=False)
     return Kernels(*(getattr(torch.ops.tinylora_verl, op) for op in OPS))
 
 
@@ -141,5 +150,5 @@ def applies(y: torch.Tensor, a: torch.Tensor, bt: torch.Tensor) -> bool:
             and a.shape[1] <= MAX_RANK and a.stride(-1) == 1)
 
 
-__all__ = ["Kernels", "MAX_RANK", "OPS", "SOURCE", "applies", "build_directory", "build_name", "load", "reads",
+__all__ = ["Kernels", "MAX_RANK", "OPS", "SOURCES", "applies", "build_directory", "build_name", "load", "reads",
            "takes_factors"]

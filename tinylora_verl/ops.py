@@ -18,7 +18,8 @@ by FLOPs (the GEMMs are rank r = 2). Here the update is one in-place ``addmm_``,
 product (from a :class:`FactorLayout` the adapter caches per module), and the backward is three thin GEMMs. On the
 CPU, where they apply, C++ kernels (:mod:`.cpu_kernel`) do each of these passes in one: the projection reads x
 in its own dtype, the add rounds the float32 sum once into y, and the backward reads g once for ``gU``, ``hᵀ gU``
-and the in-place add into ``∂L/∂x``. Layout: the thin factors enter every GEMM as ``(r, dim)`` row-major (``Vᵀ``,
+and the in-place add into ``∂L/∂x``; there :func:`tinylora_linear` runs the node as C++ (``csrc/fused_linear.cpp``,
+this arithmetic bit for bit, without Python's Function overhead). Layout: the thin factors enter every GEMM as ``(r, dim)`` row-major (``Vᵀ``,
 ``Uᵀ``), the transposed operand; with torch 2.13's CPU BLAS a (tokens, dim) x (dim, 2) product is ~4x faster that
 way than with the (dim, 2) factor contiguous (16 vs 65 µs at 256 x 576).
 """
@@ -248,8 +249,18 @@ def autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
 
 def tinylora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], v: torch.Tensor,
                     layout: FactorLayout, h: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Functional form of :class:`TinyLoRALinear`: ``F.linear(x, W + ΔW, b)``, under autocast too."""
+    """Functional form of :class:`TinyLoRALinear`: ``F.linear(x, W + ΔW, b)``, under autocast too.
+
+    With the layout's CPU kernels the node is their C++ ``linear`` (the same arithmetic, forward and backward
+    without Python: ~100 µs per linear and step of Function overhead saved); otherwise :class:`TinyLoRALinear`.
+    """
     adt = autocast_dtype(x)
+    kernel = layout.kernel
+    if kernel is not None:
+        if adt is None:
+            return kernel.linear(x, weight, bias, v, h, layout.Ut, layout.Vt, layout.PSt, None)
+        with torch.autocast(x.device.type, enabled=False):
+            return kernel.linear(x, weight, bias, v, h, layout.Ut, layout.Vt, layout.PSt, adt)
     if adt is None:
         return TinyLoRALinear.apply(x, weight, bias, v, h, layout, None)
     with torch.autocast(x.device.type, enabled=False):

@@ -11,7 +11,8 @@
 // bf16 activation into a fresh float32 copy, a thin GEMM and for the add a K = r GEMM into a fresh (rows, n)
 // tensor and an add: several passes and fresh pages where these make one (the cast of one gate_proj output
 // gradient alone is 1.5 MB of new float32 at 256 tokens).
-#include <ATen/ATen.h>
+#include "rank_r_kernels.h"
+
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -21,9 +22,8 @@
 #include <type_traits>
 #include <vector>
 
+namespace tinylora_verl {
 namespace {
-
-constexpr int64_t kMaxRank = 16;
 
 inline float bf16_bits_to_float(uint16_t b) {
   const uint32_t u = static_cast<uint32_t>(b) << 16;
@@ -179,6 +179,8 @@ void with_rows(const at::Tensor& x, F f) {
   }
 }
 
+}  // namespace
+
 void add_rank_r_(at::Tensor y, const at::Tensor& a, const at::Tensor& core, const at::Tensor& bt) {
   constexpr const char* op = "add_rank_r_";
   check_2d(op, {&y, &a, &core, &bt}, "y, a, core, bt");
@@ -286,7 +288,7 @@ at::Tensor rank_r_backward_(const std::optional<at::Tensor>& gx, const at::Tenso
   return grad_core;
 }
 
-}  // namespace
+}  // namespace tinylora_verl
 
 TORCH_LIBRARY(tinylora_verl, m) {
   m.def("add_rank_r_(Tensor(a!) y, Tensor a, Tensor core, Tensor bt) -> ()");
@@ -295,7 +297,7 @@ TORCH_LIBRARY(tinylora_verl, m) {
 }
 
 TORCH_LIBRARY_IMPL(tinylora_verl, CPU, m) {
-  m.impl("add_rank_r_", &add_rank_r_);
-  m.impl("project", &project);
-  m.impl("rank_r_backward_", &rank_r_backward_);
+  m.impl("add_rank_r_", &tinylora_verl::add_rank_r_);
+  m.impl("project", &tinylora_verl::project);
+  m.impl("rank_r_backward_", &tinylora_verl::rank_r_backward_);
 }
