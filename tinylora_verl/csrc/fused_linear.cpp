@@ -79,7 +79,7 @@ void check_factors(const at::Tensor& x, const at::Tensor& weight, const at::Tens
               "pst (r r, u) with 1 <= r <= ", kMaxRank, ": got x ", x.sizes(), ", weight ", weight.sizes(), ", v ",
               v.sizes(), ", ut ", ut.sizes(), ", vt ", vt.sizes(), ", pst ", pst.sizes());
   if (h.has_value() && h->defined()) {
-    const int64_t tokens = x.numel() / x.size(-1);
+    const int64_t tokens = x.size(-1) > 0 ? x.numel() / x.size(-1) : 0;
     TORCH_CHECK(h->dim() == 2 && h->size(0) == tokens && h->size(1) == r && h->scalar_type() == at::kFloat, kOp,
                 ": h must be (tokens, r) = (", tokens, ", ", r, ") float32, got ", h->scalar_type(), " ",
                 h->sizes());
