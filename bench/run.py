@@ -202,6 +202,10 @@ def main(argv=None) -> int:
     log("machine: " + "; ".join(f"{k}={v}" for k, v in info.items()))
     t0 = time.perf_counter()
     sections: dict[str, Section] = {}
+    if "e2e" in only and args.e2e_run:
+        # First, while this process is small: its models stay resident afterwards (the steady allocator never
+        # trims), and beside them the verl runs' workers were OOM-killed by Ray (7.2 + 9.9 GB of 23 GB).
+        compare_runs = {**e2e.run_recipes(args.e2e_run, steps=args.e2e_steps), **compare_runs}
     needs_model = only & {"overhead", "injection", "fidelity", "profile"}
     factory = smollm2_factory() if needs_model else None
     if "overhead" in only:
@@ -228,8 +232,6 @@ def main(argv=None) -> int:
         if not dtypes:
             log("profile: skipped (overhead goal met, or no overhead section; --profile always forces it)")
     if "e2e" in only:
-        if args.e2e_run:
-            compare_runs = {**e2e.run_recipes(args.e2e_run, steps=args.e2e_steps), **compare_runs}
         if not (args.e2e_metrics or compare_runs):
             log("e2e: skipped (no --e2e-run DIR, --e2e-metrics PATH or --e2e-compare LABEL=PATH)")
         if args.e2e_metrics:

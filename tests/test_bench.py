@@ -281,3 +281,25 @@ def test_e2e_run_recipes_runs_missing_and_reuses_complete(tmp_path, monkeypatch)
 def test_e2e_steps_must_leave_a_step_after_warmup(tmp_path):
     with pytest.raises(SystemExit, match=r"--e2e-steps must be >= 2 .*got 1"):
         run.main(["--only", "e2e", "--e2e-run", str(tmp_path), "--e2e-steps", "1", "--out", str(tmp_path / "r.md")])
+
+
+def test_main_runs_the_verl_recipes_before_loading_any_model(tmp_path, monkeypatch):
+    """The recipes' workers need the memory the in-process sections' models would keep (the steady allocator does
+    not give it back): with --e2e-run they run first, and their comparison still comes last in the report."""
+    calls = []
+
+    def fake_recipes(out_dir, steps):
+        calls.append("recipes")
+        write_clean(tmp_path / "m.jsonl")
+        return {"merged": tmp_path / "m.jsonl"}
+
+    def fake_factory():
+        calls.append("model")
+        raise RuntimeError("stop after the order is known")
+
+    monkeypatch.setattr(e2e, "run_recipes", fake_recipes)
+    monkeypatch.setattr(run, "smollm2_factory", fake_factory)
+    with pytest.raises(RuntimeError, match="stop after the order is known"):
+        run.main(["--only", "fidelity", "--e2e-run", str(tmp_path / "runs"), "--out", str(tmp_path / "r.md"),
+                  "--allocator", "default"])
+    assert calls == ["recipes", "model"]
