@@ -51,9 +51,9 @@ class TinyLoRAConfig:
             and output gradient at the cost of ~2 extra roundings of ΔW·x.
         cpu_kernel: the one-pass C++ kernels of the update on a CPU model's float32/bf16 activations (the
             projections ``x V`` / ``g U``, the add into the output, the backward) and the fused linear as one C++
-            autograd node over them (:mod:`tinylora_verl.cpu_kernel`, built on first use with g++): ``auto`` uses them when they build and falls back to torch ops with a
-            warning, ``on`` makes a failed build an error, ``off`` never builds them. GPU tensors always take torch
-            ops.
+            autograd node over them (:mod:`tinylora_verl.cpu_kernel`, built on first use with g++): ``auto`` uses
+            them when they build and falls back to torch ops with a warning, ``on`` makes a failed build an error,
+            ``off`` never builds them. GPU tensors always take torch ops.
     """
 
     r: int = field(default=2, metadata={"help": "Frozen SVD rank of each target weight (paper: 2)."})

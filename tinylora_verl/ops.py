@@ -19,9 +19,9 @@ product (from a :class:`FactorLayout` the adapter caches per module), and the ba
 CPU, where they apply, C++ kernels (:mod:`.cpu_kernel`) do each of these passes in one: the projection reads x
 in its own dtype, the add rounds the float32 sum once into y, and the backward reads g once for ``gU``, ``hᵀ gU``
 and the in-place add into ``∂L/∂x``; there :func:`tinylora_linear` runs the node as C++ (``csrc/fused_linear.cpp``,
-this arithmetic bit for bit, without Python's Function overhead). Layout: the thin factors enter every GEMM as ``(r, dim)`` row-major (``Vᵀ``,
-``Uᵀ``), the transposed operand; with torch 2.13's CPU BLAS a (tokens, dim) x (dim, 2) product is ~4x faster that
-way than with the (dim, 2) factor contiguous (16 vs 65 µs at 256 x 576).
+this arithmetic bit for bit, without Python's Function overhead). Layout: the thin factors enter every GEMM as
+``(r, dim)`` row-major (``Vᵀ``, ``Uᵀ``), the transposed operand; with torch 2.13's CPU BLAS a (tokens, dim) x
+(dim, 2) product is ~4x faster that way than with the (dim, 2) factor contiguous (16 vs 65 µs at 256 x 576).
 """
 
 from __future__ import annotations
