@@ -336,7 +336,8 @@ def inject_tinylora(model: nn.Module, config: TinyLoRAConfig, factors: Optional[
     factors = dict(factors or {})
     todo = [n for n in names if n not in factors and modules[n].weight.device.type != "meta"]
     start = time.perf_counter()
-    factors.update(zip(todo, top_r_svd_batch([modules[n].weight for n in todo], config.r)))
+    factors.update(zip(todo, top_r_svd_batch([modules[n].weight for n in todo], config.r,
+                                             cpu_kernel=config.cpu_kernel)))
     if todo:
         logger.info("inject_tinylora: top-%d SVD of %d weights in %.2f s", config.r, len(todo),
                     time.perf_counter() - start)

@@ -53,7 +53,8 @@ class TinyLoRAConfig:
             projections ``x V`` / ``g U``, the add into the output, the backward) and the fused linear as one C++
             autograd node over them (:mod:`tinylora_verl.cpu_kernel`, built on first use with g++): ``auto`` uses
             them when they build and falls back to torch ops with a warning, ``on`` makes a failed build an error,
-            ``off`` never builds them. GPU tensors always take torch ops.
+            ``off`` never builds them. The same policy covers the Krylov products of the injection's SVDs of CPU
+            weights from 2^17 elements (``gram_apply``). GPU tensors always take torch ops.
     """
 
     r: int = field(default=2, metadata={"help": "Frozen SVD rank of each target weight (paper: 2)."})
@@ -76,8 +77,8 @@ class TinyLoRAConfig:
         "help": f"Precision of the update ΔW·x: one of {HOOK_DTYPES}; 'activation' runs the rank-r products in a "
                 "bf16/fp16 model's own dtype (no activation casts, fused add)."})
     cpu_kernel: str = field(default="auto", metadata={
-        "help": f"One-pass C++ kernels for the update's passes over CPU activations, and the fused linear as a C++ "
-                f"autograd node: one of {CPU_KERNELS}; 'auto' "
+        "help": f"One-pass C++ kernels for the update's passes over CPU activations, the fused linear as a C++ "
+                f"autograd node, and the Krylov products of the SVDs of CPU weights: one of {CPU_KERNELS}; 'auto' "
                 "falls back to torch ops if they do not build, 'on' raises, 'off' never builds them."})
 
     def __post_init__(self) -> None:

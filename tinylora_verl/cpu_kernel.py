@@ -7,7 +7,9 @@ of a multiple of 512 floats: 180 µs a call at 256 x 1536 inside a bf16 SmolLM2 
 projections ``h = x V`` and ``gU = g U`` of a bf16 model first cast the activation into a fresh float32 copy.
 Each kernel is one pass (:class:`Kernels`): read, sum in float32, round once, write. Into a bf16 ``y`` that is
 also one rounding fewer than casting the float32 update and adding it. Over them, ``linear`` is the whole fused
-node in C++ (``csrc/fused_linear.cpp``): what was left after the kernels was Python, ~100 µs per linear and step.
+node in C++ (``csrc/fused_linear.cpp``): what was left after the kernels was Python, ~75 µs per linear and step.
+The injection's block Lanczos (:mod:`tinylora_verl.factors`) is bound by reading each weight twice per step in two
+thin GEMMs; ``gram_apply`` (``csrc/gram_apply.cpp``) reads each row of a tall weight once.
 
 It is built with torch's own extension builder (g++ and ninja, ~30 s once per machine and torch version; the
 build directory is keyed by the source, the flags and the CPU's feature flags, since it is built with
@@ -32,8 +34,9 @@ import torch
 from .config import CPU_KERNELS, _check_choice
 
 CSRC = Path(__file__).parent / "csrc"
-# The kernels, the fused linear's autograd node, and their shared header (hashed into the name, not compiled).
-SOURCES = (CSRC / "rank_r_update.cpp", CSRC / "fused_linear.cpp")
+# The kernels, the fused linear's autograd node, the Lanczos products of factors.py, and the shared header (hashed
+# into the name, not compiled).
+SOURCES = (CSRC / "rank_r_update.cpp", CSRC / "fused_linear.cpp", CSRC / "gram_apply.cpp")
 HEADERS = (CSRC / "rank_r_kernels.h",)
 # -fopenmp: at::parallel_for is header code that runs serially without it; the extension then links the libgomp
 # torch already loaded (same soname), not a second OpenMP runtime.
@@ -53,12 +56,16 @@ class Kernels(NamedTuple):
     - ``linear(x, weight, bias, v, h, ut, vt, pst, cast_dtype) -> y``: the whole fused TinyLoRA linear
       (:class:`tinylora_verl.ops.TinyLoRALinear`'s arithmetic) as one C++ autograd node over these kernels,
       forward and backward without Python (``csrc/fused_linear.cpp``).
+    - ``gram_apply(a, x, tall) -> w``: ``w = x aᵀa`` (tall) or ``x a aᵀ`` (wide) for a batch ``a`` (B, out, in)
+      and blocks ``x`` (B, b, s), float32: the products of :mod:`tinylora_verl.factors`'s block Lanczos, each
+      row of a tall ``a`` read once instead of twice (``csrc/gram_apply.cpp``).
     """
 
     add_rank_r_: Callable[..., None]
     project: Callable[..., torch.Tensor]
     rank_r_backward_: Callable[..., torch.Tensor]
     linear: Callable[..., torch.Tensor]
+    gram_apply: Callable[..., torch.Tensor]
 
 
 OPS = Kernels._fields

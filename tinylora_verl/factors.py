@@ -17,9 +17,11 @@ import hashlib
 import logging
 import math
 import time
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
+
+from .config import CPU_KERNELS, _check_choice
 
 logger = logging.getLogger(__name__)
 
@@ -46,8 +48,14 @@ _BREAKDOWN = 1e-5
 # except the products with A of a weight this large (Qwen2.5-7B's MLPs) or of a batch of weights (one per thread),
 # where threads pay off.
 _THREADED_MIN_NUMEL = 1 << 24
-# Rows of A converted to float64 at a time in the final products (a 18944 x 3584 weight would be 543 MB).
-_CHUNK_ROWS = 2048
+# Elements of A converted to float64 at a time in the final products, into one reused buffer: a fresh float64 copy
+# of a batch (14 MB for two of SmolLM2's MLP weights, 543 MB for one 18944 x 3584 weight) costs page faults on
+# every batch unless the allocator happens to keep it: 11-25 ms a batch here, against ~2 ms for the products.
+_CHUNK64_NUMEL = 1 << 17
+# Weights from this many elements (512 KiB in float32, an L2 cache) take the CPU kernel's gram_apply: its gain is
+# reading A once instead of twice per step, and a smaller A is re-read from L2 anyway (256 x 256: 24 vs 26 µs a
+# step, 1536 x 576: 494 vs 714 µs, one thread). Tiny models then never build the kernel for their SVDs.
+_KERNEL_MIN_NUMEL = 1 << 17
 # Weight elements per batch of same-shape weights (8 MiB in float32): two of SmolLM2's MLP weights, six of its
 # q_proj. The products with A are bandwidth-bound; a batch this small stays in cache (SmolLM2's 210 weights: 0.70 s
 # with this cap, 0.81 s with 16 MiB, 1.64 s with 32 MiB, 1.15 s one weight at a time), and it is split across the
@@ -95,13 +103,21 @@ def _torch_threads(n: int):
             torch.set_num_threads(old)
 
 
-def _gram_apply(A: torch.Tensor, X: torch.Tensor, tall: bool, threads: int) -> torch.Tensor:
-    """``X G`` for rows ``X`` (B, b, s) and the Gram ``G`` = AᵀA (tall) or AAᵀ (wide) of the small side s."""
+GramKernel = Callable[[torch.Tensor, torch.Tensor, bool], torch.Tensor]
+
+
+def _gram_apply(A: torch.Tensor, X: torch.Tensor, tall: bool, threads: int, kernel: Optional[GramKernel] = None
+                ) -> torch.Tensor:
+    """``X G`` for rows ``X`` (B, b, s) and the Gram ``G`` = AᵀA (tall) or AAᵀ (wide) of the small side s, by the
+    CPU kernel's ``gram_apply`` when given (one read of a tall A instead of two), else two batched GEMMs."""
     with _torch_threads(threads):
+        if kernel is not None:
+            return kernel(A, X, tall)  # (B, b, s)
         return torch.bmm(torch.bmm(X, A.mT), A) if tall else torch.bmm(torch.bmm(X, A), A.mT)  # (B, b, s)
 
 
-def _block_lanczos(A: torch.Tensor, r: int, k: int, tall: bool, threads: int) -> list[Optional[torch.Tensor]]:
+def _block_lanczos(A: torch.Tensor, r: int, k: int, tall: bool, threads: int, kernel: Optional[GramKernel] = None
+                   ) -> list[Optional[torch.Tensor]]:
     """Top k Ritz vectors (k, s) of the small-side Gram of each weight in the batch ``A`` (B, out, in) by block
     Lanczos, or None for a weight that did not converge.
 
@@ -128,7 +144,7 @@ def _block_lanczos(A: torch.Tensor, r: int, k: int, tall: bool, threads: int) ->
     for j in range(1, steps + 1):
         d = b * j
         Qd = Qt[:, :d]  # (B, d, s)
-        W = _gram_apply(A, Qj, tall, threads)  # (B, b, s)
+        W = _gram_apply(A, Qj, tall, threads, kernel)  # (B, b, s)
         scale = W.flatten(1).norm(dim=1)  # (B,)
         C = torch.bmm(W, Qd.mT)  # (B, b, d)
         W = torch.baddbmm(W, C, Qd, alpha=-1)  # (B, b, s)
@@ -174,13 +190,18 @@ def _rayleigh_ritz64(A: torch.Tensor, B: torch.Tensor, r: int, tall: bool, threa
     """Top-r singular triplets of each ``A`` (B, out, in) restricted to the row span of ``B`` (B, k, s), in
     float64: ``U`` (B, out, r), ``S`` (B, r), ``V`` (B, in, r)."""
     B = torch.linalg.qr(B.double().mT)[0].mT  # (B, k, s) orthonormal rows in float64
-    # Y = B Aᵀ (tall) or B A (wide) in float64, a block of rows of A at a time.
+    # Y = B Aᵀ (tall) or B A (wide) in float64, a block of rows of A at a time through one float64 buffer.
+    nb, out_f, in_f = A.shape
+    step = max(1, _CHUNK64_NUMEL // (nb * in_f))
+    buf = torch.empty(nb, min(step, out_f), in_f, dtype=torch.float64, device=A.device)  # (B, rows, in)
+    Y = torch.zeros(nb, B.shape[1], out_f if tall else in_f, dtype=torch.float64, device=A.device)  # (B, k, ·)
     with _torch_threads(threads):
-        if tall:
-            Y = torch.cat([B @ rows.double().mT for rows in A.split(_CHUNK_ROWS, dim=1)], dim=2)  # (B, k, out)
-        else:
-            chunks = zip(B.split(_CHUNK_ROWS, dim=2), A.split(_CHUNK_ROWS, dim=1))
-            Y = sum(Bc @ rows.double() for Bc, rows in chunks)  # (B, k, in)
+        for i in range(0, out_f, step):
+            rows = buf[:, :min(step, out_f - i)].copy_(A[:, i:i + step])  # (B, c, in)
+            if tall:
+                Y[:, :, i:i + step] = torch.bmm(B, rows.mT)  # (B, k, c)
+            else:
+                Y.baddbmm_(B[:, :, i:i + step], rows)  # (B, k, in)
     # SVD of Yᵀ through the k x k Gram Y Yᵀ: in float64 squaring σ costs nothing that matters, and it is a
     # third of the time of torch.linalg.svd on the tall (big, k) matrix.
     theta, Z = torch.linalg.eigh(Y @ Y.mT)  # (B, k), (B, k, k) ascending
@@ -190,12 +211,13 @@ def _rayleigh_ritz64(A: torch.Tensor, B: torch.Tensor, r: int, tall: bool, threa
     return (big, S, small) if tall else (small, S, big)
 
 
-def _lanczos_svd(A: torch.Tensor, r: int) -> list[Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]:
+def _lanczos_svd(A: torch.Tensor, r: int, kernel: Optional[GramKernel] = None
+                 ) -> list[Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]:
     """``(U, S, V)`` in float64 for each weight of the float32 batch ``A`` (B, out, in), None where unconverged."""
     tall, k = A.shape[1] >= A.shape[2], r + _RITZ_EXTRA
     threads = torch.get_num_threads() if A.numel() >= _THREADED_MIN_NUMEL or A.shape[0] > 1 else 1
     with _torch_threads(1):
-        found = _block_lanczos(A, r, k, tall, threads)
+        found = _block_lanczos(A, r, k, tall, threads, kernel)
         done = [i for i, B in enumerate(found) if B is not None]
         out: list[Optional[tuple]] = [None] * A.shape[0]
         if done:
@@ -211,7 +233,8 @@ def _finish(U: torch.Tensor, S: torch.Tensor, V: torch.Tensor, r: int):
     return U.contiguous(), S[:r].float().contiguous(), V.contiguous()
 
 
-def top_r_svd(weight: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def top_r_svd(weight: torch.Tensor, r: int, cpu_kernel: str = "auto"
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Exact top-r SVD ``W ≈ U diag(S) Vᵀ``: float32 block Lanczos, then a float64 Rayleigh-Ritz step.
 
     Block Lanczos (block 2, full reorthogonalization) on the Gram of the smaller side, ``AᵀA`` or ``AAᵀ``, applied
@@ -222,26 +245,29 @@ def top_r_svd(weight: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor,
     equal σ₂ ≈ σ₃ float32 round-off cannot resolve (a float32 full SVD is up to 1e-4 off in ΔW), is done by
     a Rayleigh-Ritz step on the top r + 6 Ritz vectors with ``A`` in float64. Tiny weights use a float64 full
     SVD; a rank above a quarter of min(out, in) and the unconverged case use a float32 one. The start block
-    comes from a fixed seed on the CPU, so the result does not depend on the global RNG.
+    comes from a fixed seed on the CPU, so the result does not depend on the global RNG. On the CPU the products
+    with the Gram run on the C++ kernel's ``gram_apply`` under ``cpu_kernel`` (the policy of
+    :class:`~tinylora_verl.config.TinyLoRAConfig`'s field: ``auto``, ``on`` or ``off``).
 
     Returns:
         ``U`` (out, r), ``S`` (r,), ``V`` (in, r), float32, canonical signs.
     """
-    return top_r_svd_batch([weight], r)[0]
+    return top_r_svd_batch([weight], r, cpu_kernel=cpu_kernel)[0]
 
 
-def top_r_svd_batch(weights: Sequence[torch.Tensor], r: int, max_batch_numel: int = _BATCH_NUMEL
-                    ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+def top_r_svd_batch(weights: Sequence[torch.Tensor], r: int, max_batch_numel: int = _BATCH_NUMEL,
+                    cpu_kernel: str = "auto") -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """:func:`top_r_svd` of every weight, weights of one shape and device iterated as one batch.
 
     What :func:`~tinylora_verl.adapter.inject_tinylora` uses: a model has a handful of weight shapes, each
     repeated once per layer. The Krylov iteration is hundreds of small ops, paid once per batch instead of once
     per weight, and the bandwidth-bound products with A run one weight per intra-op thread. Batches hold at most
-    ``max_batch_numel`` weight elements, so they stay in cache (a float32 copy is made, and a float64 one in the
-    Rayleigh-Ritz step).
+    ``max_batch_numel`` weight elements, so they stay in cache (copied in float32 into one buffer per shape; the
+    Rayleigh-Ritz step reads them in float64 a few rows at a time).
     A weight's factors agree with those computed alone to round-off (its convergence check may fall at another
     depth), both within the same distance of a float64 SVD.
     """
+    _check_choice("cpu_kernel", cpu_kernel, CPU_KERNELS)
     for w in weights:
         _check_rank(w, r)
     out: list[Optional[tuple]] = [None] * len(weights)
@@ -259,11 +285,17 @@ def top_r_svd_batch(weights: Sequence[torch.Tensor], r: int, max_batch_numel: in
             for i in idx:
                 out[i] = full_svd(weights[i], r)
             continue
+        on_cpu = weights[idx[0]].device.type == "cpu"
+        kernel = _cpu_gram_kernel(cpu_kernel) if on_cpu and m * n >= _KERNEL_MIN_NUMEL else None
         per, start = max(1, max_batch_numel // (m * n)), time.perf_counter()
+        # One float32 batch buffer for the group, refilled: a fresh one per batch costs page faults as above.
+        buf = torch.empty(min(per, len(idx)), m, n, dtype=torch.float32, device=weights[idx[0]].device)
         for c in range(0, len(idx), per):
             chunk = idx[c:c + per]
-            A = torch.stack([weights[i].detach().to(torch.float32) for i in chunk])  # (B, out, in)
-            for i, f in zip(chunk, _lanczos_svd(A, r)):
+            A = buf[:len(chunk)]  # (B, out, in)
+            for j, i in enumerate(chunk):
+                A[j].copy_(weights[i].detach())
+            for i, f in zip(chunk, _lanczos_svd(A, r, kernel)):
                 if f is None:
                     logger.warning("top_r_svd: block Lanczos did not converge for a %dx%d weight (or broke down: "
                                    "exactly low rank or repeated singular values); using a full SVD", m, n)
@@ -272,6 +304,14 @@ def top_r_svd_batch(weights: Sequence[torch.Tensor], r: int, max_batch_numel: in
                     out[i] = _finish(*f, r)
         logger.info("top_r_svd: %d weights of %dx%d in %.2f s", len(idx), m, n, time.perf_counter() - start)
     return out
+
+
+def _cpu_gram_kernel(mode: str) -> Optional[GramKernel]:
+    """The CPU kernel's ``gram_apply`` under ``mode``, or None (``off``, or ``auto`` where it does not build)."""
+    from .cpu_kernel import load
+
+    kernels = load(mode)
+    return None if kernels is None else kernels.gram_apply
 
 
 def module_seed(seed: int, module_name: str) -> int:
