@@ -34,12 +34,6 @@ using torch::autograd::variable_list;
 
 constexpr const char* kOp = "linear";
 
-// What the kernels read as an activation (cpu_kernel.reads): 2-D float32 or bf16 on the CPU, contiguous rows.
-bool readable(const at::Tensor& t) {
-  return t.device().is_cpu() && (t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16) &&
-         t.dim() == 2 && t.stride(1) == 1 && t.stride(0) >= t.size(1);
-}
-
 // What autocast hands a linear: floating tensors other than float64 cast to its dtype.
 at::Tensor autocast_cast(const at::Tensor& t, std::optional<at::ScalarType> dtype) {
   if (!dtype || !t.defined() || !t.is_floating_point() || t.scalar_type() == *dtype ||
@@ -50,13 +44,13 @@ at::Tensor autocast_cast(const at::Tensor& t, std::optional<at::ScalarType> dtyp
 
 // t wt^T (rows, k) float32: the kernel where it reads t, else a float32 GEMM (an fp16 or column-strided t).
 at::Tensor project_any(const at::Tensor& t2d, const at::Tensor& wt) {
-  if (readable(t2d) && wt.size(0) <= kMaxRank) return project(t2d, wt);
+  if (reads_activation(t2d) && wt.size(0) <= kMaxRank) return project(t2d, wt);
   return at::linear(t2d.to(at::kFloat), wt);
 }
 
 // y <- y + (a core) bt: the kernel where it writes y, else the float32 product cast once and added.
 void add_any(at::Tensor& y2d, const at::Tensor& a, const at::Tensor& core, const at::Tensor& bt) {
-  if (readable(y2d) && y2d.is_contiguous()) {
+  if (reads_activation(y2d) && y2d.is_contiguous()) {
     add_rank_r_(y2d, a, core, bt);
   } else {
     y2d.add_(at::mm(at::mm(a, core), bt).to(y2d.scalar_type()));
@@ -150,7 +144,7 @@ class TinyLoRALinearFn : public torch::autograd::Function<TinyLoRALinearFn> {
     if (need_x) gx = at::mm(g2d, wb).to(static_cast<at::ScalarType>(dtypes[0]));  // (tokens, in)
     if (need_x || need_v) {
       at::Tensor grad_core;  // (r, r) = dL/d(Sigma M)^T
-      if (readable(g2d) && (!need_x || readable(gx))) {
+      if (reads_activation(g2d) && (!need_x || reads_activation(gx))) {
         // One pass over g (and gx): gU stays in registers, no float32 copy of a bf16 g.
         grad_core = rank_r_backward_(need_x ? std::optional<at::Tensor>(gx) : std::nullopt, g2d, h, ut, core_t, vt);
       } else {

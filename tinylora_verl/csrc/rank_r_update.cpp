@@ -125,8 +125,6 @@ void add_rows(int64_t rows, int64_t n, int64_t r, const float* a, int64_t lda, c
   });
 }
 
-bool rows_contiguous(const at::Tensor& t) { return t.stride(1) == 1 && t.stride(0) >= t.size(1); }
-
 void check_float32(const char* op, const at::Tensor& t, const char* name, bool strided_rows = false) {
   TORCH_CHECK(t.scalar_type() == at::kFloat, op, ": ", name, " must be float32, got ", t.scalar_type());
   TORCH_CHECK(strided_rows ? rows_contiguous(t) : t.is_contiguous(), op, ": ", name,
