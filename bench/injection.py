@@ -76,21 +76,25 @@ def compare_batch(weights: list[torch.Tensor], r: int, M: torch.Tensor, repeats:
     # Each repeat times the batch and then every weight's full SVD, so both see the machine of the same minute: on
     # this shared 2-core VM the speed of a many-small-ops code like the Lanczos iteration drifts by tens of percent
     # over minutes, more than that of one big LAPACK call.
-    t_top, t_full = [], [[] for _ in weights]
+    t_top, t_gemm, t_full = [], [], [[] for _ in weights]
     for _ in range(repeats):
         t0 = time.perf_counter()
         tops = top_r_svd_batch(weights, r)
         t_top.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        top_r_svd_batch(weights, r, cpu_kernel="off")
+        t_gemm.append(time.perf_counter() - t0)
         fulls = []
         for i, W in enumerate(weights):
             t0 = time.perf_counter()
             fulls.append(full_svd(W, r))
             t_full[i].append(time.perf_counter() - t0)
-    per_weight = median(t_top) / len(weights)
+    per_weight, per_weight_gemm = median(t_top) / len(weights), median(t_gemm) / len(weights)
     results = []
     for W, (U1, S1, V1), (U2, S2, V2), times in zip(weights, tops, fulls, t_full):
         d1, d2 = dense_delta(U1, S1, V1, M), dense_delta(U2, S2, V2, M)  # (out, in) each
-        out = {"top": per_weight, "full": median(times), "rel": ((d1 - d2).norm() / d2.norm()).item(),
+        out = {"top": per_weight, "top_gemm": per_weight_gemm, "full": median(times),
+               "rel": ((d1 - d2).norm() / d2.norm()).item(),
                "s_rel": ((S1 - S2).abs() / S2).max().item()}
         if ref64:
             U, S, Vh = torch.linalg.svd(W.detach().double(), full_matrices=False)
@@ -124,12 +128,15 @@ def _aggregate(per_module: list[tuple[str, str, dict]], scale: float, label: str
     for typ in types + ["all"]:
         ms = [d for _, t, d in per_module if typ in ("all", t)]
         top, full = sum(d["top"] for d in ms), sum(d["full"] for d in ms)
+        gemm = sum(d["top_gemm"] for d in ms)
         f64 = [max(d[k] for d in ms) if "top_vs64" in ms[0] else None for k in ("top_vs64", "full_vs64", "gap")]
-        rows.append([label, typ, len(ms), top * scale, full * scale, full / top, max(d["rel"] for d in ms),
-                     max(d["s_rel"] for d in ms)] + f64)
+        rows.append([label, typ, len(ms), top * scale, gemm * scale, gemm / top, full * scale, full / top,
+                     max(d["rel"] for d in ms), max(d["s_rel"] for d in ms)] + f64)
     top = sum(d["top"] for _, _, d in per_module)
+    gemm = sum(d["top_gemm"] for _, _, d in per_module)
     full = sum(d["full"] for _, _, d in per_module)
-    out = {"top_s": top * scale, "full_s": full * scale, "speedup": full / top,
+    out = {"top_s": top * scale, "top_gemm_s": gemm * scale, "kernel_gain": gemm / top,
+           "full_s": full * scale, "speedup": full / top,
            "max_rel": max(d["rel"] for _, _, d in per_module), "modules": len(per_module), "scale": scale}
     if "top_vs64" in per_module[0][2]:
         worst = max(per_module, key=lambda x: x[2]["rel"])
@@ -174,8 +181,10 @@ def run(real_modules: Optional[Callable[[], Iterable[tuple[str, str, torch.Tenso
             ds = compare_batch(Ws, r, M, reps, ref64)
             per_module += [(name, typ, d) for name, d in zip(names, ds)]
             top, full = sum(d["top"] for d in ds), sum(d["full"] for d in ds)
+            gemm = sum(d["top_gemm"] for d in ds)
             progress(f"injection {label}: {names[0] if len(names) == 1 else typ} x{len(Ws)} {tuple(Ws[0].shape)} "
-                     f"top_r {top:.3f}s full {full:.3f}s x{full / top:.1f} rel {max(d['rel'] for d in ds):.1e}")
+                     f"top_r {top:.3f}s (torch GEMMs {gemm:.3f}s) full {full:.3f}s x{full / top:.1f} "
+                     f"rel {max(d['rel'] for d in ds):.1e}")
             del Ws
         s = _aggregate(per_module, scale, label, rows)
         s["meets_speedup_goal"] = s["speedup"] >= speedup_goal
@@ -202,13 +211,16 @@ def run(real_modules: Optional[Callable[[], Iterable[tuple[str, str, torch.Tenso
         f"SVD; gap = max σ_{r + 1}/σ_{r} (near 1: the top-{r} singular vectors are ill-conditioned in float32).",
         "top_r_svd: float32 block Lanczos (block 2) on the smaller side's Gram until the top-r Ritz residual is "
         "≤ 2e-6 σ₁², then a float64 Rayleigh-Ritz step on the top r + 6 Ritz vectors, which separates nearly equal "
-        "σ_r ≈ σ_{r+1} that float32 round-off cannot (float64 full SVD only when min(out, in) ≤ 32).",
+        "σ_r ≈ σ_{r+1} that float32 round-off cannot (float64 full SVD only when min(out, in) ≤ 32). Its products "
+        "with the Gram run on the C++ kernel `gram_apply` (tinylora_verl/csrc/gram_apply.cpp: one pass over a tall "
+        "weight's rows, two over a wide one's); `top_r_svd, torch GEMMs` is the same call with `cpu_kernel='off'` "
+        "(two batched GEMMs per step), timed in the same repeat, and kernel gain the ratio of the two.",
         "max ΔW rel compares against float32 full_svd, which is itself up to ~1e-4 off a float64 SVD on SmolLM2 "
         "(see the vs f64 columns): there the ΔW rel is full_svd's own error, not top_r_svd's.",
         f"{synth_label} weights: W = Q₁ diag(s) Q₂ᵀ + Gaussian bulk, s_i = i^-0.5 for i ≤ 256 with the top 3 "
         "boosted ×(4, 2.5, 1.6), bulk top edge ≈ s_256/2, float32, one seeded generator per module.",
     ]
-    cols = ["weights", "type", "modules", "top_r_svd s", "full_svd s", "speedup", "max ΔW rel", "max σ rel",
-            "top vs f64", "full vs f64", "gap"]
+    cols = ["weights", "type", "modules", "top_r_svd s", "top_r_svd, torch GEMMs s", "kernel gain", "full_svd s",
+            "speedup", "max ΔW rel", "max σ rel", "top vs f64", "full vs f64", "gap"]
     return Section("injection", "Injection time: top_r_svd vs full_svd", cols, rows, notes, summary,
                    time.perf_counter() - start)

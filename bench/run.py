@@ -137,7 +137,8 @@ def headline(sections: dict[str, Section]) -> list[str]:
                 out.append(f"injection {label}: top_r_svd {s['speedup']:.1f}x faster than full_svd "
                            f"(goal ≥ {inj.summary['speedup_goal']:g}: {'met' if s['meets_speedup_goal'] else 'MISSED'})"
                            f", max ΔW rel {s['max_rel']:.2e} (goal ≤ {inj.summary['rel_goal']:g}: "
-                           f"{'met' if s['meets_rel_goal'] else 'MISSED'})")
+                           f"{'met' if s['meets_rel_goal'] else 'MISSED'}); the C++ gram_apply kernel "
+                           f"{s['kernel_gain']:.2f}x over torch GEMMs")
     fid = sections.get("fidelity")
     if fid:
         for c in fid.summary["cases"]:

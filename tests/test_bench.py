@@ -130,6 +130,7 @@ def test_injection_structure():
     assert {r[0] for r in sec.rows} == {"tiny", "synthetic"}
     s = sec.summary["synthetic"]
     assert s["modules"] == 2 and s["scale"] == 3.0 and s["max_rel"] < 1e-3
+    assert s["top_gemm_s"] > 0 and s["kernel_gain"] == pytest.approx(s["top_gemm_s"] / s["top_s"])
     assert sec.summary["tiny"]["modules"] == 14 and sec.summary["inject_tinylora_s"] == 0.5
 
 
