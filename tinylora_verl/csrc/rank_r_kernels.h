@@ -14,7 +14,8 @@ constexpr int64_t kMaxRank = 16;
 // Contiguous rows, possibly strided between them (a column slice of a wider matrix, a view of a wider input).
 inline bool rows_contiguous(const at::Tensor& t) { return t.stride(1) == 1 && t.stride(0) >= t.size(1); }
 
-// What the kernels read as an activation (Python's cpu_kernel.reads): a 2-D float32 or bfloat16 CPU tensor with contiguous rows.
+// What the kernels read as an activation (Python's cpu_kernel.reads): a 2-D float32 or bfloat16 CPU tensor
+// with contiguous rows.
 inline bool reads_activation(const at::Tensor& t) {
   return t.device().is_cpu() && (t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16) &&
          t.dim() == 2 && rows_contiguous(t);
