@@ -32,9 +32,11 @@ def reference(y, a, core, bt):
     return y.double() + (a.double() @ core.double()) @ bt.double()  # (rows, n)
 
 
-# (case, rows, n, r, strided a): widths around the 512-float rows where MKL's K = r GEMM dips, ranks 1-3, one row.
+# (case, rows, n, r, strided a): widths around the 512-float rows where MKL's K = r GEMM dips and off the 16/32-lane
+# steps, ranks 1-4 (compiled per rank) and 5 (the generic loop), one row.
 CASES = [("tiny", 3, 5, 2, False), ("one-row", 1, 576, 2, False), ("r1", 7, 33, 1, False), ("r3", 9, 64, 3, False),
-         ("wide", 300, 1536, 2, False), ("strided-a", 64, 576, 2, True), ("r3-strided", 17, 100, 3, True)]
+         ("wide", 300, 1536, 2, False), ("strided-a", 64, 576, 2, True), ("r3-strided", 17, 100, 3, True),
+         ("r4-tails", 5, 47, 4, False), ("r5-generic", 6, 50, 5, True)]
 
 
 @pytest.mark.parametrize("case, rows, n, r, strided", CASES, ids=[c[0] for c in CASES])
@@ -57,6 +59,27 @@ def test_bfloat16_is_the_float32_sum_rounded_once(kernel, case, rows, n, r, stri
     kernel.add_rank_r_(got, a, core, bt)
     assert_rounded_once_to_bf16(got, want)
     assert (got.double() - want).abs().mean() <= (twice.double() - want).abs().mean()
+
+
+def test_bfloat16_rounding_is_torchs_bit_for_bit(kernel):
+    """``-0 + 1·1·b`` is b exactly in float32 (-0, unlike +0, keeps a -0 summand's sign), so y holds b rounded to
+    bf16: the same bits as torch's conversion in the 16-lane vector body and in the scalar tail (40 = 32 + 8
+    columns), at ties to even, subnormals, overflow, ±inf and ±0; every NaN is the quiet 0x7FC0 (c10's scalar
+    rounding; torch's vectorised cast writes 0xFFFF)."""
+    tie_even, tie_odd = 1.0 + 2.0**-8, 1.0 + 3 * 2.0**-8  # exactly halfway between two bf16 neighbours
+    special = [tie_even, -tie_even, tie_odd, -tie_odd, 1e-40, -3e-39, 2.0**-133, float("inf"), float("-inf"), 0.0,
+               -0.0, 3.4e38, float("nan"), -float("nan")]
+    gen = torch.Generator().manual_seed(5)
+    row = torch.randn(40, generator=gen) * 10.0**torch.randint(-30, 30, (40,), generator=gen)
+    b = torch.stack([row, row.roll(17), torch.tensor(special * 3)[:40], torch.tensor(special * 3)[:40].roll(30)])
+    for bt in (b[i:i + 1].contiguous() for i in range(4)):  # (1, 40)
+        y = torch.full((3, 40), -0.0, dtype=torch.bfloat16)
+        kernel.add_rank_r_(y, torch.ones(3, 1), torch.ones(1, 1), bt)
+        want = bt.expand(3, 40).to(torch.bfloat16)
+        nan = want.isnan()
+        assert torch.equal(y.isnan(), nan)
+        assert torch.equal(y.view(torch.int16)[~nan], want.view(torch.int16)[~nan])
+        assert (y.view(torch.int16)[nan] == 0x7FC0).all()
 
 
 def test_nan_and_inf_pass_through(kernel):
@@ -89,8 +112,10 @@ def test_bad_operands_are_refused_by_name(kernel, case, breaks, message):
 
 
 # (case, rows, n, k, strided x): n off the 16/64-wide vector steps and the 512-float blocks, k up to q/k/v's 3r.
+# k is summed four outputs at a time: 5 and 8 are a block of four and one, and two blocks.
 PROJECT_CASES = [("tiny", 3, 5, 2, False), ("one-row", 1, 576, 6, False), ("k1", 7, 33, 1, False),
-                 ("tails", 9, 1000, 3, False), ("wide", 300, 1536, 2, False), ("strided-x", 64, 100, 4, True)]
+                 ("tails", 9, 1000, 3, False), ("wide", 300, 1536, 2, False), ("strided-x", 64, 100, 4, True),
+                 ("k5-lanes", 4, 16, 5, False), ("k8-tail", 5, 47, 8, True)]
 
 
 def activation(rows, n, dtype, gen, strided=False):
@@ -113,7 +138,8 @@ def test_project_matches_float64(kernel, dtype, case, rows, n, k, strided):
 # (case, rows, m = g's width, n = gx's width, r, strided h)
 BACKWARD_CASES = [("tiny", 3, 5, 4, 2, False), ("one-row", 1, 576, 192, 2, False), ("r1", 7, 33, 17, 1, False),
                   ("r3-tails", 9, 1000, 70, 3, False), ("down", 300, 1536, 576, 2, False),
-                  ("strided-h", 64, 100, 120, 2, True)]
+                  ("strided-h", 64, 100, 120, 2, True), ("r4-lanes", 3, 32, 31, 4, False),
+                  ("r5-generic", 4, 40, 23, 5, True)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
