@@ -116,6 +116,39 @@ def test_cpp_node_computes_exactly_the_gradients_asked_for(kernel, case, needed)
             assert torch.equal(got[name], want[name]), name
 
 
+@pytest.mark.parametrize("v_dtype", [torch.bfloat16, torch.float16, torch.float64], ids=["bf16", "fp16", "fp64"])
+def test_cpp_node_takes_v_in_any_floating_dtype(kernel, v_dtype):
+    """v's dtype reaches the core through the node's own read of v, and its gradient comes back in that dtype,
+    the same bits as the Python node's."""
+    U, S, V, P, v = factors(9, 40, 3, 2, seed=31)
+    x, W, b, g = inputs((2, 5), 9, 40, True, seed=32, dtype=torch.float32)
+    layout = factor_layouts(U, S, V, P, torch.float32, kernel=kernel)
+    y_cpp, got = run(lambda *a, h: tinylora_linear(*a, layout, h), x, W, b, v.to(v_dtype), g)
+    y_py, want = run(lambda *a, h: python_node(*a, layout, h), x, W, b, v.to(v_dtype), g)
+    assert torch.equal(y_cpp, y_py) and got["v"].dtype == v_dtype and torch.equal(got["v"], want["v"])
+
+
+def test_core_and_grad_v_are_float64_sums_rounded_once(kernel):
+    """With cancelling terms (1e8 + 1 - 1e8) a float32 sum in any order loses the 1; both nodes' cores and v
+    gradients are the float64 sum rounded once, so they keep it, whatever order they add in."""
+    from tinylora_verl.ops import _core_t, _grad_v
+
+    r, u = 2, 3
+    x, W, ut = torch.zeros(1, 4), torch.zeros(3, 4), torch.eye(r, 3)  # Uᵀ = [I | 0]
+    # Forward: each core entry sums a row of PSt (r·r, u) against v = 1.
+    pst_rows = torch.tensor([[1e8, 1.0, -1e8]] * (r * r))
+    y = kernel.linear(x, W, None, torch.ones(u), torch.tensor([[1.0, 0.0]]), ut, torch.zeros(r, 4), pst_rows, None)
+    assert torch.equal(y, torch.tensor([[1.0, 1.0, 0.0]]))  # h (Σ M)ᵀ Uᵀ: row 0 of the core, then a zero column
+    assert torch.equal(_core_t(torch.ones(u), pst_rows, r), torch.ones(r, r))
+    # Backward: ∂L/∂vᵢ sums column i of PSt against vec(hᵀ gU) = 1 (h = [1, 1], g = [1, 1, 0] so gU = [1, 1]).
+    pst_cols = torch.tensor([[1e8] * u, [1.0] * u, [-1e8] * u, [0.0] * u])
+    v = torch.zeros(u, requires_grad=True)
+    kernel.linear(x, W, None, v, torch.ones(1, r), ut, torch.zeros(r, 4), pst_cols, None).backward(
+        torch.tensor([[1.0, 1.0, 0.0]]))
+    assert torch.equal(v.grad, torch.ones(u))
+    assert torch.equal(_grad_v(torch.ones(r, r), pst_cols, torch.float32), torch.ones(u))
+
+
 def test_cpp_node_is_one_node_feeding_x_and_v_directly(kernel):
     U, S, V, P, v = factors(7, 6, 2, 2, seed=29)
     x, W, _, _ = inputs((2, 5), 7, 6, False, seed=30, dtype=torch.float32)

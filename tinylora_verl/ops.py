@@ -96,8 +96,11 @@ def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _core_t(v: torch.Tensor, PSt: torch.Tensor, r: int) -> torch.Tensor:
-    """``(Σ M)ᵀ = (diag(S) Σᵢ vᵢ Pᵢ)ᵀ`` (r, r) in float32 (called inside forward: no graph is recorded)."""
-    return torch.mv(PSt, _as(v, PSt.dtype)).view(r, r)  # (r, r)
+    """``(Σ M)ᵀ = (diag(S) Σᵢ vᵢ Pᵢ)ᵀ`` (r, r) in float32 (called inside forward: no graph is recorded).
+
+    Summed in float64 and rounded once: the products are exact there, so the C++ node's loop
+    (``csrc/fused_linear.cpp``) gives the same bits whatever order either sums in."""
+    return torch.mv(PSt.double(), v.double()).to(PSt.dtype).view(r, r)  # (r, r)
 
 
 def _add_rank_r_(y2d: torch.Tensor, a: torch.Tensor, core: torch.Tensor, bt: torch.Tensor, by_columns: bool,
@@ -130,8 +133,10 @@ def _project(x2d: torch.Tensor, Vt: torch.Tensor, kernel: Optional[cpu_kernel.Ke
 
 
 def _grad_v(grad_core: torch.Tensor, PSt: torch.Tensor, v_dtype: torch.dtype) -> torch.Tensor:
-    """``∂L/∂v = PStᵀ vec(∂L/∂(Σ M)ᵀ)`` (u,) in float32, then in v's dtype."""
-    return _as(torch.mv(PSt.T, _as(grad_core, PSt.dtype).view(-1)), v_dtype)  # (u,)
+    """``∂L/∂v = PStᵀ vec(∂L/∂(Σ M)ᵀ)`` (u,): summed in float64 (as :func:`_core_t`), rounded once to float32,
+    then to v's dtype."""
+    grad = torch.mv(PSt.T.double(), grad_core.double().reshape(-1)).to(PSt.dtype)  # (u,)
+    return _as(grad, v_dtype)
 
 
 def _grads(g2d: torch.Tensor, h2d: torch.Tensor, v_dtype: torch.dtype, PSt: torch.Tensor, Ut: torch.Tensor,

@@ -20,6 +20,7 @@
 // any floating dtype, its gradient in that dtype; h (tokens, r) float32, taken as a constant.
 #include "rank_r_kernels.h"
 
+#include <ATen/Dispatch.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
@@ -55,6 +56,48 @@ void add_any(at::Tensor& y2d, const at::Tensor& a, const at::Tensor& core, const
   } else {
     y2d.add_(at::mm(at::mm(a, core), bt).to(y2d.scalar_type()));
   }
+}
+
+// Reads element i of a 1-D floating tensor (any dtype and stride) as a double.
+double element(const at::Tensor& t, int64_t i) {
+  double out = 0.0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, t.scalar_type(), "tinylora_verl::element", [&] {
+    out = static_cast<double>(t.data_ptr<scalar_t>()[i * t.stride(0)]);
+  });
+  return out;
+}
+
+// (Sigma M)^T (r, r) float32 with vec((Sigma M)^T) = pst v: summed in float64 and rounded once, as ops._core_t
+// does. A loop, since u and r are tiny: at::mv and the casts and views around it were ~3 us of dispatch a linear.
+at::Tensor mixed_core(const at::Tensor& pst, const at::Tensor& v, int64_t r) {
+  const int64_t u = v.size(0);
+  std::vector<double> vd(u);
+  for (int64_t i = 0; i < u; ++i) vd[i] = element(v, i);
+  at::Tensor core = at::empty({r, r}, pst.options());  // (r, r)
+  const float* P = pst.data_ptr<float>();
+  float* C = core.data_ptr<float>();
+  for (int64_t kj = 0; kj < r * r; ++kj) {
+    double acc = 0.0;
+    for (int64_t i = 0; i < u; ++i) acc += static_cast<double>(P[kj * u + i]) * vd[i];
+    C[kj] = static_cast<float>(acc);
+  }
+  return core;
+}
+
+// dL/dv = pst^T vec(grad_core) (u,): summed in float64, rounded once to float32 and then to v's dtype, as
+// ops._grad_v does (a loop for the same reason as mixed_core's: ~5 us of transposes, views and mv a linear).
+at::Tensor grad_v(const at::Tensor& pst, const at::Tensor& grad_core, at::ScalarType v_dtype) {
+  const int64_t rr = pst.size(0), u = pst.size(1);
+  const float* P = pst.data_ptr<float>();
+  const float* G = grad_core.data_ptr<float>();
+  at::Tensor out = at::empty({u}, pst.options());  // (u,)
+  float* O = out.data_ptr<float>();
+  for (int64_t i = 0; i < u; ++i) {
+    double acc = 0.0;
+    for (int64_t kj = 0; kj < rr; ++kj) acc += static_cast<double>(P[kj * u + i]) * G[kj];
+    O[i] = static_cast<float>(acc);
+  }
+  return v_dtype == at::kFloat ? out : out.to(v_dtype);
 }
 
 void check_factors(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& v,
@@ -95,7 +138,7 @@ Forward run_forward(const at::Tensor& x, const at::Tensor& weight, const std::op
   std::optional<at::Tensor> bb;
   if (bias.has_value() && bias->defined()) bb = autocast_cast(*bias, cast_dtype);
   f.y = at::linear(f.xb, f.wb, bb);                         // (..., out)
-  f.core_t = at::mv(pst, v.to(at::kFloat)).view({r, r});    // (r, r)
+  f.core_t = mixed_core(pst, v, r);                          // (r, r)
   f.h = h.has_value() && h->defined() ? *h : project_any(x.reshape({-1, x.size(-1)}), vt);  // (tokens, r)
   at::Tensor y2d = f.y.view({-1, f.y.size(-1)});            // (tokens, out)
   add_any(y2d, f.h, f.core_t, ut);
@@ -152,7 +195,7 @@ class TinyLoRALinearFn : public torch::autograd::Function<TinyLoRALinearFn> {
         if (need_v) grad_core = at::mm(h.t(), gU);
         if (need_x) add_any(gx, gU, core_t.t().contiguous(), vt);
       }
-      if (need_v) gv = at::mv(pst.t(), grad_core.reshape({-1})).to(static_cast<at::ScalarType>(dtypes[3]));  // (u,)
+      if (need_v) gv = grad_v(pst, grad_core.contiguous(), static_cast<at::ScalarType>(dtypes[3]));  // (u,)
     }
     if (need_x) gx = gx.view(x_sizes);
     if (need_w) gw = at::mm(g2d.t(), xb.reshape({-1, xb.size(-1)})).to(static_cast<at::ScalarType>(dtypes[1]));
