@@ -6,6 +6,7 @@ import dataclasses
 import datetime
 import os
 import platform
+import random
 import statistics
 import sys
 import time
@@ -160,18 +161,30 @@ def interleaved_times(
     after: Optional[Callable[[str], None]] = None,
     progress: Optional[Callable[[str], None]] = None,
     cpu: Optional[dict[str, list[float]]] = None,
+    adjacent: Optional[dict[str, str]] = None,
 ) -> dict[str, list[float]]:
     """Time every ``fns[k]()`` ``repeats`` times after ``warmup`` rounds, interleaved round-robin.
 
     Each round runs every variant once, in an order rotated by one per round, so slow drifts of the machine's
-    load hit all variants alike and per-round ratios pair measurements taken seconds apart. ``after(k)``
-    runs untimed after each call (e.g. to drop gradients). ``cpu``, if given, is filled with the process CPU
-    time of each call: on a loaded machine it counts the work done rather than the time spent descheduled.
+    load hit all variants alike and per-round ratios pair measurements taken seconds apart. ``adjacent`` maps a
+    name to a partner that always runs right beside it, first in even rounds and second in odd ones: their
+    per-round ratio then compares two calls a step apart, and a drift within the pair favours neither side.
+    ``after(k)`` runs untimed after each call (e.g. to drop gradients). ``cpu``, if given, is filled with the
+    process CPU time of each call: on a loaded machine it counts the work done rather than the time spent
+    descheduled.
     """
+    adjacent = adjacent or {}
+    for k, partner in adjacent.items():
+        if k not in fns or partner not in fns or partner == k or partner in adjacent:
+            raise ValueError(f"adjacent: {k!r} -> {partner!r} must pair two different timed names, each in one "
+                             f"pair only; timed names are {sorted(fns)}")
+    partners = set(adjacent.values())
+    units = [[k] + ([adjacent[k]] if k in adjacent else []) for k in fns if k not in partners]
     names = list(fns)
     times: dict[str, list[float]] = {k: [] for k in names}
     for rnd in range(warmup + repeats):
-        order = names[rnd % len(names):] + names[: rnd % len(names)]
+        shift = rnd % len(units)
+        order = [k for unit in units[shift:] + units[:shift] for k in (unit if rnd % 2 == 0 else unit[::-1])]
         for k in order:
             c0, t0 = time.process_time(), time.perf_counter()
             fns[k]()
@@ -187,6 +200,21 @@ def interleaved_times(
             done = ", ".join(f"{k} {times[k][-1]:.3f}s" for k in names if rnd >= warmup)
             progress(f"{tag} {done}".rstrip())
     return times
+
+
+def bootstrap_ci(xs: Sequence[float], level: float = 0.95, draws: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of the median of ``xs``: ``draws`` resamples with replacement from a
+    ``random.Random(seed)``, so a report's interval is reproducible from its numbers."""
+    if not xs:
+        raise ValueError("bootstrap_ci: no samples")
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"bootstrap_ci: level must be in (0, 1), got {level}")
+    if draws < 1:
+        raise ValueError(f"bootstrap_ci: draws must be >= 1, got {draws}")
+    rng = random.Random(seed)
+    meds = sorted(statistics.median(rng.choices(xs, k=len(xs))) for _ in range(draws))
+    tail = (1.0 - level) / 2.0
+    return meds[int(tail * (draws - 1))], meds[int(round((1.0 - tail) * (draws - 1)))]
 
 
 def median(xs: Sequence[float]) -> float:

@@ -112,9 +112,11 @@ def headline(sections: dict[str, Section]) -> list[str]:
     if ov:
         for c in ov.summary["cases"]:
             r, sr, cr = c["paired_ratio"], c["self_ratio"], c["cpu_paired_ratio"]
-            line = (f"overhead {c['dtype']} {c['batch']}x{c['seq_len']}: TinyLoRA {sr[overhead.OURS]:.3f}x its "
-                    f"weights with the adapter off (goal ≤ {ov.summary['goal']}: "
-                    f"{'met' if c['ours_meets_goal'] else 'MISSED'}); across copies {r[overhead.OURS]:.3f}x base "
+            lo, hi = c["self_ratio_ci"][overhead.OURS]
+            line = (f"overhead {c['dtype']} {c['batch']}x{c['seq_len']}: TinyLoRA {sr[overhead.OURS]:.3f}x "
+                    f"[95% CI {lo:.3f}–{hi:.3f}] its weights with the adapter off (goal ≤ {ov.summary['goal']}: "
+                    f"{'met' if c['ours_meets_goal'] else 'MISSED'}, "
+                    f"{'whole interval within' if c['ours_meets_goal_ci'] else 'interval NOT within'}); across copies {r[overhead.OURS]:.3f}x base "
                     f"[min ratio {c['min_ratio'][overhead.OURS]:.3f}x, CPU time {cr[overhead.OURS]:.3f}x] "
                     f"(noise control: a second base copy {c['control']['paired_ratio']:.3f}x, "
                     f"min {c['control']['min_ratio']:.3f}x); peft TinyLoRA {sr[overhead.PEFT_TINY]:.3f}x / "

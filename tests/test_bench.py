@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from bench import e2e, fidelity, injection, overhead, profiling, run
-from bench.common import Section, interleaved_times, paired_ratios
+from bench.common import Section, bootstrap_ci, interleaved_times, paired_ratios
 from bench.autograd_hook import install
 from tests.conftest import tiny_causal_lm
 from tinylora_verl import TinyLoRAConfig, inject_tinylora
@@ -49,6 +49,49 @@ def test_interleaved_times_and_paired_ratios():
     assert paired_ratios(times, "a")["a"] == (1.0, 1.0, 1.0)
 
 
+def test_interleaved_times_runs_adjacent_pairs_side_by_side_alternating():
+    calls = []
+    fns = {k: (lambda k=k: calls.append(k)) for k in ("a", "b", "b off", "c", "c off")}
+    times = interleaved_times(fns, repeats=4, warmup=0, adjacent={"b": "b off", "c": "c off"})
+    rounds = [calls[i:i + 5] for i in range(0, 20, 5)]
+    assert [r[0] for r in rounds] == ["a", "b off", "c", "a"]  # the units (a, b+off, c+off) rotate
+    for i, rnd in enumerate(rounds):
+        for k in ("b", "c"):
+            at = rnd.index(k)
+            assert rnd[at + 1 if i % 2 == 0 else at - 1] == k + " off"  # beside it: after in even rounds, else before
+    assert all(len(v) == 4 for v in times.values())
+
+
+@pytest.mark.parametrize("adjacent, message", [
+    ({"a": "z"}, r"adjacent: 'a' -> 'z' must pair two different timed names"),
+    ({"a": "a"}, r"'a' -> 'a' must pair two different"),
+    ({"a": "b", "b": "c"}, r"'a' -> 'b' must pair .* each in one pair only"),
+])
+def test_interleaved_times_rejects_bad_pairs(adjacent, message):
+    with pytest.raises(ValueError, match=message):
+        interleaved_times({k: (lambda: None) for k in "abc"}, repeats=1, warmup=0, adjacent=adjacent)
+
+
+def test_bootstrap_ci_of_the_median():
+    xs = [1.0 + 0.01 * ((7 * i) % 11) for i in range(21)]  # 1.00 .. 1.10, median 1.05
+    lo, hi = bootstrap_ci(xs, seed=3)
+    assert min(xs) <= lo <= 1.05 <= hi <= max(xs) and hi - lo < 0.1
+    assert bootstrap_ci(xs, seed=3) == (lo, hi)  # seeded: a report's interval is reproducible
+    wide, narrow = bootstrap_ci(xs, level=0.99), bootstrap_ci(xs, level=0.5)
+    assert wide[0] <= narrow[0] and narrow[1] <= wide[1]
+    assert bootstrap_ci([2.0] * 5) == (2.0, 2.0)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"xs": []}, "bootstrap_ci: no samples"),
+    ({"xs": [1.0], "level": 1.0}, r"level must be in \(0, 1\), got 1.0"),
+    ({"xs": [1.0], "draws": 0}, "draws must be >= 1, got 0"),
+])
+def test_bootstrap_ci_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        bootstrap_ci(**kwargs)
+
+
 def test_overhead_structure():
     sec = overhead.run(factory, dtypes=(torch.float32, torch.bfloat16), batches=(1,), seq_len=8, repeats=1,
                        warmup=0, budget=BUDGET, full_ft=True, before=True, progress=None)
@@ -70,6 +113,9 @@ def test_overhead_structure():
                     overhead.PEFT_LORA}
         assert switched <= set(case["self_ratio"]) <= switched | {overhead.OURS_ACT}
         assert all(r > 0 for r in case["self_ratio"].values()) and set(case["off_vs_base"]) == set(case["self_ratio"])
+        assert set(case["self_ratio_ci"]) == set(case["self_ratio"])
+        assert all(lo <= case["self_ratio"][k] <= hi for k, (lo, hi) in case["self_ratio_ci"].items())
+        assert case["ours_meets_goal_ci"] == (case["self_ratio_ci"][overhead.OURS][1] <= sec.summary["goal"])
         assert isinstance(case["ours_meets_goal_across_copies"], bool)
         assert case["saved_bytes"][overhead.BASE] > 0
         assert isinstance(case["ours_meets_goal"], bool) and isinstance(case["ours_below_peft_tinylora"], bool)
