@@ -28,10 +28,11 @@ def test_parse_lrs(text, expected):
 
 
 @pytest.mark.parametrize("text, msg", [
-    ("0.01,abc", r"--lrs '0.01,abc' must be comma-separated numbers"),
-    ("0.01,0.01", r"must list distinct learning rates > 0"),
-    ("0,0.1", r"must list distinct learning rates > 0"),
-    (" , ", r"must list distinct learning rates > 0"),
+    ("0.01,abc", r"--lrs '0.01,abc' must be comma-separated floats"),
+    ("0.01,0.01", r"--lrs '0.01,0.01' must list distinct floats > 0"),
+    ("0,0.1", r"must list distinct floats > 0"),
+    ("-1e-3", r"must list distinct floats > 0"),
+    (" , ", r"must list distinct floats > 0"),
 ])
 def test_parse_lrs_errors(text, msg):
     with pytest.raises(ValueError, match=msg):
@@ -88,7 +89,7 @@ def test_dry_run_prints_plan_and_runs_nothing(tmp_path, capsys, monkeypatch):
 
 
 @pytest.mark.parametrize("argv, msg", [
-    (["--lrs", "x"], r"--lrs 'x' must be comma-separated numbers"),
+    (["--lrs", "x"], r"--lrs 'x' must be comma-separated floats"),
     (["--sweep-steps", "50"], r"need 1 <= --sweep-steps <= --steps, got --sweep-steps 50 --steps 40"),
 ])
 def test_bad_arguments(argv, msg, capsys):

@@ -38,7 +38,8 @@ def test_default_grid_is_the_papers(capsys):
 @pytest.mark.parametrize("argv, msg", [
     (["--budgets", "13,0"], r"--budgets '13,0' must list distinct ints >= 1"),
     (["--budgets", "13,x"], r"--budgets '13,x' must be comma-separated ints"),
-    (["--lrs", "1e-4,1e-4"], r"--lrs '1e-4,1e-4' must list distinct floats"),
+    (["--lrs", "1e-4,1e-4"], r"--lrs '1e-4,1e-4' must list distinct floats > 0"),
+    (["--lrs", "0,1e-4"], r"--lrs '0,1e-4' must list distinct floats > 0"),
     (["--seeds", "-1"], r"--seeds '-1' must list distinct ints >= 0"),
     (["--backend", "ray"], r"--backend ray needs --address"),
     (["--nnodes", "0"], r"--nnodes must be >= 1, got 0"),

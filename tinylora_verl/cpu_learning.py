@@ -30,20 +30,15 @@ from typing import Optional, Sequence
 
 from .demo import read_metrics, run_cpu_recipe, v_values
 from .models import prepare_smollm2
+from .sweep import parse_list
 
 RECIPE = "tinylora_gsm8k_cpu_learn"
 SCORE_KEY = "critic/score/mean"
 
 
 def parse_lrs(text: str) -> list[float]:
-    """``"0.003,0.01"`` -> ``[0.003, 0.01]``; every rate must be a positive number, none repeated."""
-    try:
-        lrs = [float(s) for s in text.split(",") if s.strip()]
-    except ValueError as e:
-        raise ValueError(f"--lrs {text!r} must be comma-separated numbers, e.g. 0.003,0.01,0.03") from e
-    if not lrs or any(lr <= 0 for lr in lrs) or len(set(lrs)) != len(lrs):
-        raise ValueError(f"--lrs {text!r} must list distinct learning rates > 0, e.g. 0.003,0.01,0.03")
-    return lrs
+    """``"0.003,0.01"`` -> ``[0.003, 0.01]``; every rate a number > 0, none repeated."""
+    return parse_list(text, float, "--lrs", 0, exclusive=True)
 
 
 def run_dir(out: Path, lr: float) -> Path:

@@ -50,13 +50,17 @@ class SweepRun:
         return f"b{self.budget}_lr{self.lr:g}_s{self.seed}"
 
 
-def _parse_list(text: str, kind, flag: str, minimum) -> list:
+def parse_list(text: str, kind: type, flag: str, minimum: float, exclusive: bool = False) -> list:
+    """``"a,b"`` -> ``[kind(a), kind(b)]`` for a command-line flag: distinct values, each ``>= minimum`` (``>``
+    when ``exclusive``); errors name the flag, its text and what is allowed."""
     try:
         values = [kind(s) for s in text.split(",") if s.strip()]
     except ValueError as e:
         raise ValueError(f"{flag} {text!r} must be comma-separated {kind.__name__}s") from e
-    if not values or len(set(values)) != len(values) or any(v < minimum for v in values):
-        raise ValueError(f"{flag} {text!r} must list distinct {kind.__name__}s >= {minimum}")
+    bound = f"{'>' if exclusive else '>='} {minimum:g}"
+    if (not values or len(set(values)) != len(values)
+            or any(v <= minimum if exclusive else v < minimum for v in values)):
+        raise ValueError(f"{flag} {text!r} must list distinct {kind.__name__}s {bound}")
     return values
 
 
@@ -231,8 +235,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p = build_parser()
     args = p.parse_args(argv)
     try:
-        grid = build_grid(_parse_list(args.budgets, int, "--budgets", 1), _parse_list(args.lrs, float, "--lrs", 1e-30),
-                          _parse_list(args.seeds, int, "--seeds", 0))
+        grid = build_grid(parse_list(args.budgets, int, "--budgets", 1),
+                          parse_list(args.lrs, float, "--lrs", 0, exclusive=True), parse_list(args.seeds, int, "--seeds", 0))
     except ValueError as e:
         p.error(str(e))
     if args.backend == "ray" and not args.address:
