@@ -125,6 +125,22 @@ def steady_allocator() -> str:
     return "glibc, fixed: mmap threshold 32 MiB, no trimming, top pad 64 MiB (bench.common.steady_allocator)"
 
 
+def git_commit(repo: Optional[str] = None) -> str:
+    """The checkout's short commit, with ``+ uncommitted changes`` when tracked files differ from it (a report
+    then says what code it measured); ``unknown`` outside a git checkout."""
+    import subprocess
+
+    cwd = repo or os.path.dirname(os.path.abspath(__file__))
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=cwd, capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return f"{head} + uncommitted changes" if dirty else head
+
+
 def machine_info() -> dict[str, Any]:
     try:
         load = os.getloadavg()
@@ -132,6 +148,7 @@ def machine_info() -> dict[str, Any]:
         load = (float("nan"),) * 3
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
+        "commit": git_commit(),
         "cpu": cpu_model(),
         "cpu flags": " ".join(cpu_flags()) or "—",
         "logical cores": os.cpu_count(),

@@ -1,6 +1,7 @@
 """Run the benchmarks side by side and write a markdown report: ``python -m bench.run [--fast] [--out PATH]``.
 
-Sections: adapter overhead (forward+backward vs the frozen base, ours vs peft TinyLoRA and LoRA), injection time
+Sections: adapter overhead (forward+backward vs the frozen base, ours vs peft TinyLoRA and LoRA), the overhead of
+TinyLoRA alone in ABBA pairs against its own weights with the adapter off (the precise self ratio), injection time
 (top_r_svd vs full_svd on SmolLM2 and on Qwen2.5-7B-shaped weights), merge fidelity (bf16/fp16/fp32 by |v|),
 a profile of the hook when the overhead misses its goal, and end to end on CPU (``--e2e-run DIR``: TinyLoRA
 with merged and lora sync beside verl's own LoRA r=8, phase by phase; ``make bench`` passes it) or from existing
@@ -19,10 +20,10 @@ from pathlib import Path
 
 import torch
 
-from . import e2e, fidelity, injection, overhead, profiling
+from . import e2e, fidelity, injection, overhead, overhead_ab, profiling
 from .common import Section, log, machine_info, package_versions, steady_allocator
 
-SECTIONS = ("overhead", "injection", "fidelity", "profile", "e2e")
+SECTIONS = ("overhead", "overhead-ab", "injection", "fidelity", "profile", "e2e")
 
 
 def machine_load() -> tuple[float, int]:
@@ -39,7 +40,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--fast", action="store_true", help="small settings: minutes, not an hour")
     p.add_argument("--out", default="docs/benchmarks.md", help="markdown report path (default: %(default)s)")
     p.add_argument("--json", default=None, help="also write every section's summary as JSON here")
-    p.add_argument("--only", default=",".join(SECTIONS[:4]),
+    p.add_argument("--only", default=",".join(SECTIONS[:5]),
                    help=f"comma-separated sections among {','.join(SECTIONS)} (default: %(default)s; "
                         "e2e runs whenever --e2e-metrics is given)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
@@ -49,6 +50,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--budget", type=int, default=13, help="TinyLoRA trainable scalars (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=None, help="timed rounds for overhead (fast 3, full 21)")
     p.add_argument("--warmup", type=int, default=None, help="untimed rounds for overhead (fast 1, full 2)")
+    p.add_argument("--pairs", type=int, default=None, help="ABBA pairs for overhead-ab (fast 4, full 24)")
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--batches", default=None, help="comma-separated batch sizes (fast 1, full 1,2)")
     p.add_argument("--qwen-layers", type=int, default=None,
@@ -132,6 +134,13 @@ def headline(sections: dict[str, Section]) -> list[str]:
                 line += (f", hook_dtype=activation {sr[overhead.OURS_ACT]:.3f}x / {r[overhead.OURS_ACT]:.3f}x "
                          f"({'met' if c['ours_activation_meets_goal'] else 'MISSED'})")
             out.append(line)
+    ab = sections.get("overhead-ab")
+    if ab:
+        for c in ab.summary["cases"]:
+            out.append(f"overhead {c['dtype']} {c['batch']}x{c['seq_len']}, TinyLoRA alone in {ab.summary['pairs']} "
+                       f"ABBA pairs: {c['ratio']:.3f}x [95% CI {c['ci'][0]:.3f}–{c['ci'][1]:.3f}] its weights with "
+                       f"the adapter off (goal ≤ {ab.summary['goal']}: {'met' if c['meets_goal'] else 'MISSED'}, "
+                       f"{'whole interval within' if c['meets_goal_ci'] else 'interval NOT within'})")
     inj = sections.get("injection")
     if inj:
         for label, s in inj.summary.items():
@@ -209,12 +218,16 @@ def main(argv=None) -> int:
         # First, while this process is small: its models stay resident afterwards (the steady allocator never
         # trims), and beside them the verl runs' workers were OOM-killed by Ray (7.2 + 9.9 GB of 23 GB).
         compare_runs = {**e2e.run_recipes(args.e2e_run, steps=args.e2e_steps), **compare_runs}
-    needs_model = only & {"overhead", "injection", "fidelity", "profile"}
+    needs_model = only & {"overhead", "overhead-ab", "injection", "fidelity", "profile"}
     factory = smollm2_factory() if needs_model else None
     if "overhead" in only:
         sections["overhead"] = overhead.run(
             factory, batches=batches, seq_len=args.seq_len, repeats=repeats, warmup=warmup, budget=args.budget,
             full_ft=not fast, before=True)
+    if "overhead-ab" in only:
+        sections["overhead-ab"] = overhead_ab.run(factory, batches=batches, seq_len=args.seq_len,
+                                                  pairs=args.pairs or (4 if fast else 24), warmup=warmup,
+                                                  budget=args.budget)
     if "injection" in only:
         sections["injection"] = injection.run(
             real_modules=smollm2_modules(factory), synth_shapes=injection.QWEN7B_SHAPES,

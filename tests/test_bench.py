@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench import e2e, fidelity, injection, overhead, profiling, run
-from bench.common import Section, bootstrap_ci, interleaved_times, paired_ratios
+from bench import e2e, fidelity, injection, overhead, overhead_ab, profiling, run
+from bench.common import Section, bootstrap_ci, git_commit, interleaved_times, paired_ratios
 from bench.autograd_hook import install
 from tests.conftest import tiny_causal_lm
 from tinylora_verl import TinyLoRAConfig, inject_tinylora
@@ -92,6 +92,22 @@ def test_bootstrap_ci_errors(kwargs, message):
         bootstrap_ci(**kwargs)
 
 
+def test_git_commit_names_the_checkout_and_its_changes(tmp_path):
+    import subprocess
+
+    assert git_commit(str(tmp_path)) == "unknown"  # not a checkout
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    (tmp_path / "f.txt").write_text("a")
+    subprocess.run(git + ["add", "f.txt"], cwd=tmp_path, check=True)
+    subprocess.run(git + ["commit", "-qm", "x"], cwd=tmp_path, check=True)
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=tmp_path, capture_output=True, text=True,
+                          check=True).stdout.strip()
+    assert git_commit(str(tmp_path)) == head
+    (tmp_path / "f.txt").write_text("b")
+    assert git_commit(str(tmp_path)) == f"{head} + uncommitted changes"
+
+
 def test_overhead_structure():
     sec = overhead.run(factory, dtypes=(torch.float32, torch.bfloat16), batches=(1,), seq_len=8, repeats=1,
                        warmup=0, budget=BUDGET, full_ft=True, before=True, progress=None)
@@ -119,6 +135,41 @@ def test_overhead_structure():
         assert isinstance(case["ours_meets_goal_across_copies"], bool)
         assert case["saved_bytes"][overhead.BASE] > 0
         assert isinstance(case["ours_meets_goal"], bool) and isinstance(case["ours_below_peft_tinylora"], bool)
+
+
+def test_abba_pairs_alternate_and_average_each_side():
+    calls = []
+
+    def timed(name):
+        def f():
+            calls.append(name)
+        return f
+
+    got = overhead_ab.abba_pairs(timed("on"), timed("off"), pairs=3, warmup=1, after=lambda: calls.append("|"))
+    seq = [c for c in calls if c != "|"]
+    assert seq[:2] == ["on", "off"]  # warmup
+    assert seq[2:] == ["on", "off", "off", "on", "off", "on", "on", "off", "on", "off", "off", "on"]
+    assert calls.count("|") == len(seq)  # after() follows every call, timed or not
+    assert all(len(v) == 3 for v in got.values()) and all(t >= 0 for v in got.values() for t in v)
+
+
+@pytest.mark.parametrize("pairs, warmup", [(0, 1), (2, -1)])
+def test_abba_pairs_errors(pairs, warmup):
+    with pytest.raises(ValueError, match=f"pairs must be >= 1 and warmup >= 0, got pairs={pairs}, warmup={warmup}"):
+        overhead_ab.abba_pairs(lambda: None, lambda: None, pairs=pairs, warmup=warmup)
+
+
+def test_overhead_ab_structure():
+    sec = overhead_ab.run(factory, dtypes=(torch.float32, torch.bfloat16), batches=(1, 2), seq_len=8, pairs=3,
+                          warmup=0, budget=BUDGET, progress=None)
+    check_section(sec, "overhead-ab")
+    assert [(c["dtype"], c["batch"]) for c in sec.summary["cases"]] == [
+        ("float32", 1), ("float32", 2), ("bfloat16", 1), ("bfloat16", 2)]
+    for c in sec.summary["cases"]:
+        lo, hi = c["ci"]
+        assert lo <= c["ratio"] <= hi and c["spread"][0] <= c["ratio"] <= c["spread"][1]
+        assert c["meets_goal"] == (c["ratio"] <= sec.summary["goal"]) and c["meets_goal_ci"] == (hi <= 1.05)
+        assert c["on_s"] > 0 and c["off_s"] > 0 and c["cpu_ratio"] > 0
 
 
 def test_adapter_off_runs_the_base_on_the_same_weights():
@@ -259,7 +310,7 @@ def test_main_writes_report(tmp_path):
     assert run.main(["--only", "e2e", "--e2e-metrics", str(p), "--out", str(out), "--json", str(js),
                      "--allocator", "default"]) == 0
     text = out.read_text()
-    for part in ("# tinylora_verl benchmarks", "## Machine", "torch threads", "python -m bench.run --only e2e",
+    for part in ("# tinylora_verl benchmarks", "## Machine", "| commit |", "torch threads", "python -m bench.run --only e2e",
                  "## End-to-end metrics", "## Headline", "| allocator | default (glibc's own tuning) |"):
         assert part in text
     assert "e2e" in json.loads(js.read_text())
