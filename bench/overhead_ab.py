@@ -92,8 +92,8 @@ def run(factory: Callable[[torch.dtype], nn.Module], dtypes: Sequence[torch.dtyp
                     "meets_goal": med <= goal, "meets_goal_ci": hi <= goal}
             summary["cases"].append(case)
             rows.append([dname, f"{batch}x{seq_len}", pairs, case["on_s"], case["off_s"],
-                         f"{med:.3f} [{lo:.3f}–{hi:.3f}]", f"{min(ratios):.3f}–{max(ratios):.3f}", case["min_ratio"],
-                         case["cpu_ratio"], case["meets_goal"], case["meets_goal_ci"]])
+                         f"{med:.3f} [{lo:.3f}–{hi:.3f}]", f"{min(ratios):.3f}–{max(ratios):.3f}",
+                         case["min_ratio"], case["cpu_ratio"], case["meets_goal"], case["meets_goal_ci"]])
             progress(f"overhead-ab: {dname} b{batch}: TinyLoRA {med:.3f}x [95% CI {lo:.3f}–{hi:.3f}] its weights "
                      f"with the adapter off")
         del model, adapter, params

@@ -310,7 +310,8 @@ def test_main_writes_report(tmp_path):
     assert run.main(["--only", "e2e", "--e2e-metrics", str(p), "--out", str(out), "--json", str(js),
                      "--allocator", "default"]) == 0
     text = out.read_text()
-    for part in ("# tinylora_verl benchmarks", "## Machine", "| commit |", "torch threads", "python -m bench.run --only e2e",
+    for part in ("# tinylora_verl benchmarks", "## Machine", "| commit |",
+                 "torch threads", "python -m bench.run --only e2e",
                  "## End-to-end metrics", "## Headline", "| allocator | default (glibc's own tuning) |"):
         assert part in text
     assert "e2e" in json.loads(js.read_text())

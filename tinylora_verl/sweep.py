@@ -236,7 +236,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = p.parse_args(argv)
     try:
         grid = build_grid(parse_list(args.budgets, int, "--budgets", 1),
-                          parse_list(args.lrs, float, "--lrs", 0, exclusive=True), parse_list(args.seeds, int, "--seeds", 0))
+                          parse_list(args.lrs, float, "--lrs", 0, exclusive=True),
+                          parse_list(args.seeds, int, "--seeds", 0))
     except ValueError as e:
         p.error(str(e))
     if args.backend == "ray" and not args.address:

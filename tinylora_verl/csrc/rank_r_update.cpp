@@ -58,7 +58,8 @@ inline v16 load16(const float* p) { return *reinterpret_cast<const v16*>(p); }
 inline v16 load16(const uint16_t* p) {
 #ifdef __AVX512F__
   // One vpmovzxwd: the generic conversion below compiles to two half-width ones and a merge.
-  const __m512i wide = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16);
+  const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  const __m512i wide = _mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16);
   return reinterpret_cast<v16>(_mm512_castsi512_ps(wide));
 #else
   const u32x16 wide = __builtin_convertvector(*reinterpret_cast<const bf16x16*>(p), u32x16) << 16;
