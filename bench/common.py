@@ -171,6 +171,16 @@ def package_versions(names: Sequence[str] = ("transformers", "peft")) -> dict[st
     return out
 
 
+def timed_call(fn: Callable[[], None], after: Optional[Callable[[], None]] = None) -> tuple[float, float]:
+    """``(wall seconds, process CPU seconds)`` of ``fn()``; ``after()`` runs untimed once it returns."""
+    c0, t0 = time.process_time(), time.perf_counter()
+    fn()
+    dt, dc = time.perf_counter() - t0, time.process_time() - c0
+    if after is not None:
+        after()
+    return dt, dc
+
+
 def interleaved_times(
     fns: dict[str, Callable[[], None]],
     repeats: int,
@@ -203,11 +213,7 @@ def interleaved_times(
         shift = rnd % len(units)
         order = [k for unit in units[shift:] + units[:shift] for k in (unit if rnd % 2 == 0 else unit[::-1])]
         for k in order:
-            c0, t0 = time.process_time(), time.perf_counter()
-            fns[k]()
-            dt, dc = time.perf_counter() - t0, time.process_time() - c0
-            if after is not None:
-                after(k)
+            dt, dc = timed_call(fns[k], None if after is None else lambda: after(k))
             if rnd >= warmup:
                 times[k].append(dt)
                 if cpu is not None:

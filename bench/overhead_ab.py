@@ -16,7 +16,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import nn
 
-from .common import Section, bootstrap_ci, log, median
+from .common import Section, bootstrap_ci, log, median, timed_call
 from .overhead import _gate, _loss
 
 
@@ -29,12 +29,7 @@ def abba_pairs(on: Callable[[], None], off: Callable[[], None], pairs: int, warm
     fns = {True: on, False: off}
 
     def call(which: bool) -> tuple[float, float]:
-        c0, t0 = time.process_time(), time.perf_counter()
-        fns[which]()
-        dt, dc = time.perf_counter() - t0, time.process_time() - c0
-        if after is not None:
-            after()
-        return dt, dc
+        return timed_call(fns[which], after)
 
     for _ in range(warmup):
         call(True)
