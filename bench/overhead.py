@@ -24,10 +24,11 @@ from torch import nn
 
 from .common import Section, bootstrap_ci, interleaved_times, log, median, paired_ratios
 
-BASE, CONTROL, OURS, PEFT_TINY, PEFT_LORA, FULL_FT, AUTOGRAD, HOOK, OURS_ACT, NO_KERNEL = (
+BASE, CONTROL, OURS, PEFT_TINY, PEFT_LORA, FULL_FT, AUTOGRAD, HOOK, OURS_ACT, NO_KERNEL, PER_MODULE = (
     "base (frozen, grad to inputs)", "base, second copy (noise control)", "TinyLoRA (ours)", "peft TinyLoRA",
     "peft LoRA r=1", "full FT", "TinyLoRA, plain-autograd hook (before)", "TinyLoRA, hook path (before)",
     "TinyLoRA (ours, hook_dtype=activation)", "TinyLoRA, torch ops only (before: cpu_kernel=off)",
+    "TinyLoRA, a node per module (before: group_nodes=False)",
 )
 OFF = " [adapter off]"
 
@@ -88,6 +89,7 @@ def build_variants(factory: Callable[[torch.dtype], nn.Module], dtype: torch.dty
         ours(AUTOGRAD, install=install)
         ours(HOOK, reroute={"fused": False}, cpu_kernel="off")
         ours(NO_KERNEL, cpu_kernel="off")
+        ours(PER_MODULE, reroute={"group_nodes": False})
     if dtype != torch.float32:
         # The package's fix for low-precision models (the prototype's low_precision path, now a config option).
         ours(OURS_ACT, hook_dtype="activation")
@@ -247,6 +249,8 @@ def run(factory: Callable[[torch.dtype], nn.Module], dtypes: Sequence[torch.dtyp
         "tinylora_verl/ops.py (same math, one autograd node per op, out-of-place add, x V per module). "
         "torch ops only: the fused node with `cpu_kernel: off`, i.e. without the one-pass C++ kernel "
         "(tinylora_verl/csrc/rank_r_update.cpp) that adds the rank-2 update into the activations. "
+        "a node per module: q/k/v and gate/up as a node each (over one shared x V) instead of one node per group "
+        "(`adapter.reroute(group_nodes=False)`). "
         "hook_dtype=activation: the package option that runs the adapter math in the model's dtype (bf16/fp16 "
         "only), the fix for the bf16 overhead.",
         "saved MB = activations autograd keeps for backward (parameters and buffers excluded).",

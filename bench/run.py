@@ -127,6 +127,8 @@ def headline(sections: dict[str, Section]) -> list[str]:
                     f"({'ours below' if c['ours_below_peft_tinylora'] else 'ours NOT below'})")
             if overhead.NO_KERNEL in sr:
                 line += f", torch ops only (before) {sr[overhead.NO_KERNEL]:.3f}x / {r[overhead.NO_KERNEL]:.3f}x"
+            if overhead.PER_MODULE in sr:
+                line += f", a node per module (before) {sr[overhead.PER_MODULE]:.3f}x / {r[overhead.PER_MODULE]:.3f}x"
             if overhead.HOOK in sr:
                 line += f", hook path (before) {sr[overhead.HOOK]:.3f}x / {r[overhead.HOOK]:.3f}x"
             if overhead.AUTOGRAD in sr:

@@ -113,7 +113,7 @@ def test_overhead_structure():
                        warmup=0, budget=BUDGET, full_ft=True, before=True, progress=None)
     check_section(sec, "overhead")
     names = {overhead.BASE, overhead.CONTROL, overhead.OURS, overhead.PEFT_TINY, overhead.PEFT_LORA, overhead.FULL_FT,
-             overhead.AUTOGRAD, overhead.HOOK, overhead.NO_KERNEL}
+             overhead.AUTOGRAD, overhead.HOOK, overhead.NO_KERNEL, overhead.PER_MODULE}
     assert len(sec.rows) == 2 * len(names) + 1  # hook_dtype=activation applies to bf16 only
     assert {r[2] for r in sec.rows} == names | {overhead.OURS_ACT}
     bf16 = [c for c in sec.summary["cases"] if c["dtype"] == "bfloat16"][0]
@@ -125,8 +125,8 @@ def test_overhead_structure():
         assert case["min_ratio"][overhead.BASE] == 1.0 and case["trainable"][overhead.CONTROL] == 1
         assert case["control"]["paired_ratio"] == case["paired_ratio"][overhead.CONTROL] > 0
         # every adapter is also timed on its own weights with the adapter off; the base copies have no switch
-        switched = {overhead.OURS, overhead.AUTOGRAD, overhead.HOOK, overhead.NO_KERNEL, overhead.PEFT_TINY,
-                    overhead.PEFT_LORA}
+        switched = {overhead.OURS, overhead.AUTOGRAD, overhead.HOOK, overhead.NO_KERNEL, overhead.PER_MODULE,
+                    overhead.PEFT_TINY, overhead.PEFT_LORA}
         assert switched <= set(case["self_ratio"]) <= switched | {overhead.OURS_ACT}
         assert all(r > 0 for r in case["self_ratio"].values()) and set(case["off_vs_base"]) == set(case["self_ratio"])
         assert set(case["self_ratio_ci"]) == set(case["self_ratio"])

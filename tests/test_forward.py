@@ -35,10 +35,10 @@ PATHS = [("fp32", torch.float32, None, "float32", 1e-5), ("bf16", torch.bfloat16
 
 @pytest.mark.parametrize("case, dtype, autocast, hook_dtype, rtol", PATHS, ids=[p[0] for p in PATHS])
 def test_fused_shared_and_hook_paths_agree(case, dtype, autocast, hook_dtype, rtol):
-    """Fused with shared projections (the default), fused with one projection per module, and hooks on every
-    module: same logits, v-gradients and input gradients."""
+    """Fused with q/k/v and gate/up one node per group (the default), a node per module with shared projections,
+    with one projection per module, and hooks on every module: same logits, v-gradients and input gradients."""
     results = []
-    for kwargs in ({}, {"share_inputs": False}, {"fused": False}):
+    for kwargs in ({}, {"group_nodes": False}, {"share_inputs": False}, {"fused": False}):
         model = tiny_causal_lm("llama").to(dtype)
         adapter = inject_tinylora(model, TinyLoRAConfig(**CONFIG, hook_dtype=hook_dtype))
         if kwargs:
@@ -46,7 +46,8 @@ def test_fused_shared_and_hook_paths_agree(case, dtype, autocast, hook_dtype, rt
         modes = {adapter.forward_mode(n) for n in adapter.module_names}
         assert modes == {"hook" if kwargs.get("fused") is False else "fused"}
         logits, x_grad = run(model, autocast)
-        assert adapter._forwards.shared_inputs == {}
+        assert adapter._forwards.shared_inputs == {} and adapter._forwards.group_outputs == {}
+        assert adapter._forwards.ungrouped == set()
         results.append((logits, x_grad, [p.grad.clone() for p in adapter.parameters()]))
     (l0, x0, g0) = results[0]
     for logits, x_grad, grads in results[1:]:
@@ -132,11 +133,68 @@ def test_siblings_fed_different_inputs_fall_back_to_their_own_projection():
                 zip((xq, xk, xq), ((f"model.layers.0.self_attn.{p}", getattr(attn, p)) for p in ("q_proj", "k_proj", "v_proj")))]
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    # q computed the group's outputs for xq; k's other input ends the grouping of q/k/v for good.
+    assert adapter._forwards.ungrouped == {"model.layers.0.self_attn.q_proj"}
+    assert adapter._forwards.group_outputs == {}
     # The unmatched calls leave a cache entry behind, holding only a weak reference to its input.
     entries = list(adapter._forwards.shared_inputs.values())
     assert entries
     del xq, xk
     assert all(ref() is None for ref, _, _ in entries)
+
+
+QKV = tuple(f"model.layers.0.self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj"))
+
+
+def _adapted(model, adapter, names, x):
+    return [x @ (model.get_submodule(n).weight + adapter.delta_weight(n)).T for n in names]
+
+
+@pytest.mark.parametrize("kernel, node", [("on", "TinyLoRAGroupFn"), ("off", "TinyLoRALinearBackward")])
+def test_siblings_on_one_input_are_one_node_on_the_cpu_kernels(kernel, node):
+    """q/k/v and gate/up each give their outputs from one node with the kernels (the first to run computes all);
+    without them each module is its own node over one shared projection. o/down are their own node either way."""
+    model = tiny_causal_lm("llama")
+    adapter = inject_tinylora(model, TinyLoRAConfig(**CONFIG, cpu_kernel=kernel))
+    layer = model.model.layers[1]
+    x = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(6), requires_grad=True)
+    for mods in ((layer.self_attn.v_proj, layer.self_attn.q_proj, layer.self_attn.k_proj),
+                 (layer.mlp.gate_proj, layer.mlp.up_proj)):
+        ys = [m(x) for m in mods]
+        assert all(node in y.grad_fn.name() for y in ys)
+        assert (len({id(y.grad_fn) for y in ys}) == 1) == (kernel == "on")
+    assert "TinyLoRALinear" in layer.self_attn.o_proj(x).grad_fn.name()
+    assert adapter._forwards.group_outputs == {} and adapter._forwards.ungrouped == set()
+
+
+def test_a_sibling_called_twice_before_the_others_ends_the_grouping():
+    model = tiny_causal_lm("llama")
+    adapter = inject_tinylora(model, TinyLoRAConfig(**CONFIG))
+    attn = model.model.layers[0].self_attn
+    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        got = [attn.q_proj(x), attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)]
+    want = _adapted(model, adapter, QKV[:1] + QKV, x)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert adapter._forwards.ungrouped == {QKV[0]} and adapter._forwards.group_outputs == {}
+
+
+def test_biases_on_some_siblings_only_run_module_by_module():
+    """The group node takes biases on every sibling or none; otherwise each module runs alone, every call."""
+    model = tiny_causal_lm("llama")
+    attn = model.model.layers[0].self_attn
+    attn.k_proj.bias = nn.Parameter(torch.randn(attn.k_proj.out_features, generator=torch.Generator().manual_seed(8)))
+    adapter = inject_tinylora(model, TinyLoRAConfig(**CONFIG))
+    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(9))
+    for _ in range(2):
+        with torch.no_grad():
+            got = [model.get_submodule(n)(x) for n in QKV]
+        want = _adapted(model, adapter, QKV, x)
+        want[1] = want[1] + attn.k_proj.bias
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert adapter._forwards.ungrouped == set() and adapter._forwards.group_outputs == {}
 
 
 @pytest.mark.parametrize("change", ["in-place", "replaced"])

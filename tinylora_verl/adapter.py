@@ -141,12 +141,13 @@ class TinyLoRAAdapter(nn.Module):
     def named_adapted_modules(self) -> Iterator[tuple[str, nn.Linear]]:
         return iter(self._modules_by_name.items())
 
-    def reroute(self, fused: bool = True, share_inputs: bool = True) -> None:
+    def reroute(self, fused: bool = True, share_inputs: bool = True, group_nodes: bool = True) -> None:
         """Re-install the modules' forwards: ``fused=False`` puts every module on the hook path (what linears with
-        their own forward get), ``share_inputs=False`` gives each module its own ``x V`` GEMM. For comparisons
-        (tests, the overhead benchmark); the defaults are what :func:`inject_tinylora` installs."""
+        their own forward get), ``share_inputs=False`` gives each module its own ``x V`` GEMM, ``group_nodes=False``
+        runs q/k/v and gate/up as a node each instead of one per group. For comparisons (tests, the overhead
+        benchmark); the defaults are what :func:`inject_tinylora` installs."""
         self._forwards.remove()
-        self._forwards = AdapterForwards(self, fused=fused, share_inputs=share_inputs)
+        self._forwards = AdapterForwards(self, fused=fused, share_inputs=share_inputs, group_nodes=group_nodes)
 
     def forward_mode(self, name: str) -> Optional[str]:
         """How module ``name`` runs: ``"fused"`` (its forward is the TinyLoRA linear), ``"hook"`` (its own forward

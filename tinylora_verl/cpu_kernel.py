@@ -56,6 +56,9 @@ class Kernels(NamedTuple):
     - ``linear(x, weight, bias, v, h, ut, vt, pst, cast_dtype) -> y``: the whole fused TinyLoRA linear
       (:class:`tinylora_verl.ops.TinyLoRALinear`'s arithmetic) as one C++ autograd node over these kernels,
       forward and backward without Python (``csrc/fused_linear.cpp``).
+    - ``group_linear(x, weights, biases, vs, uts, vt, psts, cast_dtype) -> ys``: the fused linears of k modules
+      that read the same ``x`` (q/k/v, gate/up) as one node, ``vt`` their stacked ``Vᵀ`` (k·r, in): one
+      projection, and in backward one pass adding the k updates into ``∂L/∂x`` (``csrc/fused_linear.cpp``).
     - ``gram_apply(a, x, tall) -> w``: ``w = x aᵀa`` (tall) or ``x a aᵀ`` (wide) for a batch ``a`` (B, out, in)
       and blocks ``x`` (B, b, s), float32: the products of :mod:`tinylora_verl.factors`'s block Lanczos, each
       row of a tall ``a`` read once instead of twice (``csrc/gram_apply.cpp``).
@@ -65,6 +68,7 @@ class Kernels(NamedTuple):
     project: Callable[..., torch.Tensor]
     rank_r_backward_: Callable[..., torch.Tensor]
     linear: Callable[..., torch.Tensor]
+    group_linear: Callable[..., list[torch.Tensor]]
     gram_apply: Callable[..., torch.Tensor]
 
 

@@ -6,8 +6,10 @@ in place). Any other linear (a subclass with its own forward, or one already wra
 hooks do) keeps its forward, and a forward hook adds the update (:class:`~tinylora_verl.ops.AddLowRankUpdate`).
 Either way ``state_dict()`` and the module tree are the base model's.
 
-Modules that read one input (q/k/v, gate/up) share one ``x [V₁ … V_k]`` GEMM when they receive the very same
-tensor; the first of them to run computes it. The layouts of the frozen factors are cached per module and dtype.
+Modules that read one input (q/k/v, gate/up) run as one node when they receive the very same tensor: the first of
+them to run computes every sibling's output in one C++ node (:func:`~tinylora_verl.ops.tinylora_group_linear`, on
+the CPU kernels) and the others take theirs. Without the kernels they share one ``x [V₁ … V_k]`` GEMM, computed by
+the first to run. The layouts of the frozen factors are cached per module and dtype.
 """
 
 from __future__ import annotations
@@ -22,10 +24,14 @@ from torch import nn
 
 from . import cpu_kernel
 from .ops import FactorLayout, add_low_rank_update, factor_layouts, shared_input_groups, shared_projection, \
-    tinylora_linear
+    tinylora_group_linear, tinylora_linear
 
 if TYPE_CHECKING:
     from .adapter import TinyLoRAAdapter
+
+
+# What a weight read from a sibling's module must be for the group node: a plain tensor, not a sharded subclass.
+_PLAIN = (torch.Tensor, nn.Parameter)
 
 
 def runs_plain_linear_forward(module: nn.Module) -> bool:
@@ -50,16 +56,23 @@ class AdapterForwards:
     """The forwards (or hooks) of one adapter's modules, with their caches.
 
     ``fused=False`` puts every module on the hook path (the benchmark's "hook" row; linears with their own
-    forward are always there); ``share_inputs=False`` gives every fused module its own ``x V`` GEMM.
+    forward are always there); ``share_inputs=False`` gives every fused module its own ``x V`` GEMM;
+    ``group_nodes=False`` keeps siblings that share x as one node each (with one shared ``x V`` GEMM).
     """
 
-    def __init__(self, adapter: "TinyLoRAAdapter", fused: bool = True, share_inputs: bool = True):
+    def __init__(self, adapter: "TinyLoRAAdapter", fused: bool = True, share_inputs: bool = True,
+                 group_nodes: bool = True):
         self.adapter = adapter
         groups = shared_input_groups(adapter.module_names) if share_inputs else []
         self.siblings = {n: (tuple(g), i) for g in groups for i, n in enumerate(g)}
+        self.group_nodes = group_nodes
         self.layouts: dict[tuple[str, torch.dtype], tuple] = {}
         self.stacked_vt: dict[tuple[str, torch.dtype], tuple] = {}
         self.shared_inputs: dict[str, tuple] = {}
+        # first sibling's name -> (weak x, grad mode, dtype, the outputs not yet taken (None once taken))
+        self.group_outputs: dict[str, tuple] = {}
+        # Groups seen not to feed all siblings one tensor in turn: they run module by module from then on.
+        self.ungrouped: set[str] = set()
         # name -> (module, the bound forward installed on it) / the hook's handle
         self.replaced: dict[str, tuple[nn.Module, types.MethodType]] = {}
         self.hooked: dict[str, torch.utils.hooks.RemovableHandle] = {}
@@ -82,6 +95,10 @@ class AdapterForwards:
                 return F.linear(x, module.weight, module.bias)
             dt = _update_dtype(activation, _output_dtype(x))
             layout = self.layout(name, module, dt)
+            if len(siblings) > 1 and self.group_nodes and layout.kernel is not None:
+                y = self.group_output(siblings, position, x, dt)
+                if y is not None:
+                    return y
             h = None
             if len(siblings) > 1:
                 r = layout.Ut.shape[0]
@@ -120,6 +137,57 @@ class AdapterForwards:
             self.layouts[(name, dt)] = hit
         return hit[0]
 
+    def stacked(self, siblings: tuple[str, ...], dt: torch.dtype) -> tuple[tuple[FactorLayout, ...], torch.Tensor]:
+        """The siblings' current layouts and their ``Vᵀ`` stacked (k·r, in), restacked when a layout is rebuilt."""
+        modules = self.adapter._modules_by_name
+        layouts = tuple(self.layout(n, modules[n], dt) for n in siblings)
+        key = (siblings[0], dt)
+        stacked = self.stacked_vt.get(key)
+        if stacked is None or any(a is not b for a, b in zip(stacked[0], layouts)):
+            stacked = (layouts, torch.cat([lay.Vt for lay in layouts], dim=0))  # (k·r, in)
+            self.stacked_vt[key] = stacked
+        return stacked
+
+    def group_output(self, siblings: tuple[str, ...], position: int, x: torch.Tensor,
+                     dt: torch.dtype) -> Optional[torch.Tensor]:
+        """Sibling ``position`` 's output from one node for the whole group: computed by the first sibling to run
+        on ``x``, handed to each other sibling that runs on the very same tensor (in the same grad mode) next.
+
+        None when the group cannot be one node (no CPU kernels for these layouts, a sibling on the hook path,
+        biases on some siblings only, a sibling's weight not a plain (out, in) tensor, as under per-module
+        sharding) or when the model does not feed every sibling this x in turn: then the group, from that call on,
+        runs module by module. Untaken outputs are held until the group's next call.
+        """
+        key = siblings[0]
+        if key in self.ungrouped:
+            return None
+        entry = self.group_outputs.pop(key, None)
+        if entry is not None:
+            ref, grad, edt, outputs = entry
+            y = outputs[position]
+            if y is None or ref() is not x or grad != torch.is_grad_enabled() or edt != dt:
+                self.ungrouped.add(key)
+                return None
+            outputs[position] = None
+            if any(o is not None for o in outputs):
+                self.group_outputs[key] = entry
+            return y
+        layouts, vt = self.stacked(siblings, dt)
+        modules = [self.adapter._modules_by_name[n] for n in siblings]
+        biases = [m.bias for m in modules]
+        if (layouts[0].kernel is None or any(lay.kernel is None for lay in layouts)
+                or any(n not in self.replaced for n in siblings)
+                or len({lay.Ut.shape[0] for lay in layouts}) > 1 or 0 < sum(b is not None for b in biases) < len(biases)
+                or any(type(m.weight) not in _PLAIN or m.weight.shape != (lay.Ut.shape[1], lay.Vt.shape[1])
+                       for m, lay in zip(modules, layouts))):
+            return None
+        vectors, index = self.adapter.vectors._parameters, self.adapter._group_index
+        outputs = tinylora_group_linear(x, [m.weight for m in modules], biases if biases[0] is not None else [],
+                                        [vectors[str(index[n])] for n in siblings], layouts, vt)
+        y, outputs[position] = outputs[position], None
+        self.group_outputs[key] = (weakref.ref(x), torch.is_grad_enabled(), dt, outputs)
+        return y
+
     def shared_projection(self, siblings: tuple[str, ...], x: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
         """``x [V₁ … V_k]`` (tokens, k·r) for modules that read the same ``x``, computed by the first of them to
         run and reused by the others. Identity of the input tensor, not names, decides reuse. The entry is dropped
@@ -128,13 +196,8 @@ class AdapterForwards:
         key = siblings[0]
         cached = self.shared_inputs.get(key)
         if cached is None or cached[0]() is not x or cached[1].dtype != dt:
-            modules = self.adapter._modules_by_name
-            layouts = tuple(self.layout(n, modules[n], dt) for n in siblings)
-            stacked = self.stacked_vt.get((key, dt))
-            if stacked is None or any(a is not b for a, b in zip(stacked[0], layouts)):
-                stacked = (layouts, torch.cat([lay.Vt for lay in layouts], dim=0))  # (k·r, in)
-                self.stacked_vt[(key, dt)] = stacked
-            cached = (weakref.ref(x), shared_projection(x, stacked[1], stacked[0][0].kernel), [len(siblings)])
+            layouts, vt = self.stacked(siblings, dt)
+            cached = (weakref.ref(x), shared_projection(x, vt, layouts[0].kernel), [len(siblings)])
             self.shared_inputs[key] = cached
         cached[2][0] -= 1
         if cached[2][0] == 0:
@@ -158,6 +221,8 @@ class AdapterForwards:
         self.layouts.clear()
         self.stacked_vt.clear()
         self.shared_inputs.clear()
+        self.group_outputs.clear()
+        self.ungrouped.clear()
 
 
 __all__ = ["AdapterForwards", "runs_plain_linear_forward"]

@@ -273,6 +273,22 @@ def tinylora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
         return node(adt)
 
 
+def tinylora_group_linear(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor],
+                          vectors: list[torch.Tensor], layouts: tuple[FactorLayout, ...], Vt: torch.Tensor,
+                          ) -> list[torch.Tensor]:
+    """``[F.linear(x, W_m + ΔW_m, b_m) for each m]`` for modules that read the same ``x``, as one C++ node (the
+    layouts' CPU kernels' ``group_linear``), under autocast too. ``Vt`` (k·r, in) stacks the layouts' ``Vt``;
+    ``biases`` has one entry per module or none. Per module, the arithmetic of :func:`tinylora_linear` with a
+    shared ``h``; in backward the k updates of ``∂L/∂x`` are added in one pass."""
+    kernel = layouts[0].kernel
+    Uts, PSts = [lay.Ut for lay in layouts], [lay.PSt for lay in layouts]
+    adt = autocast_dtype(x)
+    if adt is None:
+        return kernel.group_linear(x, weights, biases, vectors, Uts, Vt, PSts, None)
+    with torch.autocast(x.device.type, enabled=False):
+        return kernel.group_linear(x, weights, biases, vectors, Uts, Vt, PSts, adt)
+
+
 def add_low_rank_update(y: torch.Tensor, x: torch.Tensor, v: torch.Tensor, layout: FactorLayout) -> torch.Tensor:
     """Functional form of :class:`AddLowRankUpdate` (modifies ``y``), with autocast off around it."""
     if autocast_dtype(x) is None:
@@ -289,4 +305,5 @@ def shared_projection(x: torch.Tensor, Vt: torch.Tensor, kernel: Optional[cpu_ke
 
 
 __all__ = ["AddLowRankUpdate", "FactorLayout", "SHARED_INPUT_TYPES", "TinyLoRALinear", "add_low_rank_update",
-           "autocast_dtype", "factor_layouts", "shared_projection", "shared_input_groups", "tinylora_linear"]
+           "autocast_dtype", "factor_layouts", "shared_projection", "shared_input_groups", "tinylora_group_linear",
+           "tinylora_linear"]

@@ -188,6 +188,9 @@ inline void add_row(T* y, int64_t n, int64_t r, const float* c, const float* bt)
     case 2: return add_row_r<2>(y, n, c, bt);
     case 3: return add_row_r<3>(y, n, c, bt);
     case 4: return add_row_r<4>(y, n, c, bt);
+    // A group's joint update (group_linear's backward): q/k/v at r = 2, gate/up at r = 3 or 4.
+    case 6: return add_row_r<6>(y, n, c, bt);
+    case 8: return add_row_r<8>(y, n, c, bt);
     default: break;
   }
   for (int64_t j = 0; j < n; ++j) {
