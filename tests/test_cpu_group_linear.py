@@ -1,6 +1,6 @@
-"""Modules that read one x as one C++ node (``group_linear`` in ``csrc/fused_linear.cpp``): the outputs of one node
-per module bit for bit, their gradients to float rounding (the group sums x's gradient in another order), the
-dense formula in float64, tied vectors, the gradients asked for, autocast, inference mode and its errors."""
+"""Modules that read one x as one C++ node (``csrc/group_linear.cpp``): the outputs of one node per module bit for
+bit, their gradients to float rounding (the group sums x's gradient in another order), the dense formula in
+float64, tied vectors, the gradients asked for, autocast, inference mode and its errors."""
 
 import pytest
 import torch

@@ -140,7 +140,7 @@ def test_siblings_fed_different_inputs_fall_back_to_their_own_projection():
     entries = list(adapter._forwards.shared_inputs.values())
     assert entries
     del xq, xk
-    assert all(ref() is None for ref, _, _ in entries)
+    assert all(ref() is None for ref, *_ in entries)
 
 
 QKV = tuple(f"model.layers.0.self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj"))
@@ -167,14 +167,24 @@ def test_siblings_on_one_input_are_one_node_on_the_cpu_kernels(kernel, node):
     assert adapter._forwards.group_outputs == {} and adapter._forwards.ungrouped == set()
 
 
-def test_a_sibling_called_twice_before_the_others_ends_the_grouping():
+@pytest.mark.parametrize("case", ["called-twice", "x-modified-in-place"])
+def test_a_sibling_called_out_of_turn_ends_the_grouping_and_runs_alone(case):
+    """Outputs computed ahead are handed out only to the next siblings on the same, unmodified x: q called twice,
+    or x written in place between q and k, gets each call its own fresh result."""
     model = tiny_causal_lm("llama")
     adapter = inject_tinylora(model, TinyLoRAConfig(**CONFIG))
     attn = model.model.layers[0].self_attn
     x = torch.randn(5, 64, generator=torch.Generator().manual_seed(7))
     with torch.no_grad():
-        got = [attn.q_proj(x), attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)]
-    want = _adapted(model, adapter, QKV[:1] + QKV, x)
+        got = [attn.q_proj(x)]
+        want = _adapted(model, adapter, QKV[:1], x)
+        if case == "called-twice":
+            got.append(attn.q_proj(x))
+            want += _adapted(model, adapter, QKV[:1], x)
+        else:
+            x.mul_(-2.0)
+        got += [attn.k_proj(x), attn.v_proj(x)]
+        want += _adapted(model, adapter, QKV[1:], x)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     assert adapter._forwards.ungrouped == {QKV[0]} and adapter._forwards.group_outputs == {}

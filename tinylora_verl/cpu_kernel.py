@@ -34,10 +34,10 @@ import torch
 from .config import CPU_KERNELS, _check_choice
 
 CSRC = Path(__file__).parent / "csrc"
-# The kernels, the fused linear's autograd node, the Lanczos products of factors.py, and the shared header (hashed
-# into the name, not compiled).
-SOURCES = (CSRC / "rank_r_update.cpp", CSRC / "fused_linear.cpp", CSRC / "gram_apply.cpp")
-HEADERS = (CSRC / "rank_r_kernels.h",)
+# The kernels, the fused linear's autograd node and the group's, the Lanczos products of factors.py, and the shared
+# headers (hashed into the name, not compiled).
+SOURCES = (CSRC / "rank_r_update.cpp", CSRC / "fused_linear.cpp", CSRC / "group_linear.cpp", CSRC / "gram_apply.cpp")
+HEADERS = (CSRC / "rank_r_kernels.h", CSRC / "fused_linear.h")
 # -fopenmp: at::parallel_for is header code that runs serially without it; the extension then links the libgomp
 # torch already loaded (same soname), not a second OpenMP runtime.
 CFLAGS = ("-O3", "-march=native", "-fopenmp")
@@ -58,7 +58,7 @@ class Kernels(NamedTuple):
       forward and backward without Python (``csrc/fused_linear.cpp``).
     - ``group_linear(x, weights, biases, vs, uts, vt, psts, cast_dtype) -> ys``: the fused linears of k modules
       that read the same ``x`` (q/k/v, gate/up) as one node, ``vt`` their stacked ``Vᵀ`` (k·r, in): one
-      projection, and in backward one pass adding the k updates into ``∂L/∂x`` (``csrc/fused_linear.cpp``).
+      projection, and in backward one pass adding the k updates into ``∂L/∂x`` (``csrc/group_linear.cpp``).
     - ``gram_apply(a, x, tall) -> w``: ``w = x aᵀa`` (tall) or ``x a aᵀ`` (wide) for a batch ``a`` (B, out, in)
       and blocks ``x`` (B, b, s), float32: the products of :mod:`tinylora_verl.factors`'s block Lanczos, each
       row of a tall ``a`` read once instead of twice (``csrc/gram_apply.cpp``).

@@ -69,7 +69,7 @@ class AdapterForwards:
         self.layouts: dict[tuple[str, torch.dtype], tuple] = {}
         self.stacked_vt: dict[tuple[str, torch.dtype], tuple] = {}
         self.shared_inputs: dict[str, tuple] = {}
-        # first sibling's name -> (weak x, grad mode, dtype, the outputs not yet taken (None once taken))
+        # first sibling's name -> (weak x, its version, grad mode, dtype, the outputs not yet taken (None once taken))
         self.group_outputs: dict[str, tuple] = {}
         # Groups seen not to feed all siblings one tensor in turn: they run module by module from then on.
         self.ungrouped: set[str] = set()
@@ -151,7 +151,8 @@ class AdapterForwards:
     def group_output(self, siblings: tuple[str, ...], position: int, x: torch.Tensor,
                      dt: torch.dtype) -> Optional[torch.Tensor]:
         """Sibling ``position`` 's output from one node for the whole group: computed by the first sibling to run
-        on ``x``, handed to each other sibling that runs on the very same tensor (in the same grad mode) next.
+        on ``x``, handed to each other sibling that runs on the very same tensor, unmodified (its version counter),
+        in the same grad mode, next.
 
         None when the group cannot be one node (no CPU kernels for these layouts, a sibling on the hook path,
         biases on some siblings only, a sibling's weight not a plain (out, in) tensor, as under per-module
@@ -163,9 +164,10 @@ class AdapterForwards:
             return None
         entry = self.group_outputs.pop(key, None)
         if entry is not None:
-            ref, grad, edt, outputs = entry
+            ref, version, grad, edt, outputs = entry
             y = outputs[position]
-            if y is None or ref() is not x or grad != torch.is_grad_enabled() or edt != dt:
+            if (y is None or ref() is not x or x._version != version or grad != torch.is_grad_enabled()
+                    or edt != dt):
                 self.ungrouped.add(key)
                 return None
             outputs[position] = None
@@ -185,19 +187,20 @@ class AdapterForwards:
         outputs = tinylora_group_linear(x, [m.weight for m in modules], biases if biases[0] is not None else [],
                                         [vectors[str(index[n])] for n in siblings], layouts, vt)
         y, outputs[position] = outputs[position], None
-        self.group_outputs[key] = (weakref.ref(x), torch.is_grad_enabled(), dt, outputs)
+        self.group_outputs[key] = (weakref.ref(x), x._version, torch.is_grad_enabled(), dt, outputs)
         return y
 
     def shared_projection(self, siblings: tuple[str, ...], x: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
         """``x [V₁ … V_k]`` (tokens, k·r) for modules that read the same ``x``, computed by the first of them to
-        run and reused by the others. Identity of the input tensor, not names, decides reuse. The entry is dropped
-        once every sibling has its slice and holds x only weakly; an entry left by siblings fed different inputs
-        keeps just its (tokens, k·r) projection until the next shared input replaces it."""
+        run and reused by the others. Identity of the input tensor and its version (not written in place since),
+        not names, decide reuse. The entry is dropped once every sibling has its slice and holds x only weakly; an
+        entry left by siblings fed different inputs keeps just its (tokens, k·r) projection until the next shared
+        input replaces it."""
         key = siblings[0]
         cached = self.shared_inputs.get(key)
-        if cached is None or cached[0]() is not x or cached[1].dtype != dt:
+        if cached is None or cached[0]() is not x or cached[3] != x._version or cached[1].dtype != dt:
             layouts, vt = self.stacked(siblings, dt)
-            cached = (weakref.ref(x), shared_projection(x, vt, layouts[0].kernel), [len(siblings)])
+            cached = (weakref.ref(x), shared_projection(x, vt, layouts[0].kernel), [len(siblings)], x._version)
             self.shared_inputs[key] = cached
         cached[2][0] -= 1
         if cached[2][0] == 0:
