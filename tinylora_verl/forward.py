@@ -177,8 +177,7 @@ class AdapterForwards:
         layouts, vt = self.stacked(siblings, dt)
         modules = [self.adapter._modules_by_name[n] for n in siblings]
         biases = [m.bias for m in modules]
-        if (layouts[0].kernel is None or any(lay.kernel is None for lay in layouts)
-                or any(n not in self.replaced for n in siblings)
+        if (any(lay.kernel is None for lay in layouts) or any(n not in self.replaced for n in siblings)
                 or len({lay.Ut.shape[0] for lay in layouts}) > 1 or 0 < sum(b is not None for b in biases) < len(biases)
                 or any(type(m.weight) not in _PLAIN or m.weight.shape != (lay.Ut.shape[1], lay.Vt.shape[1])
                        for m, lay in zip(modules, layouts))):
