@@ -10,11 +10,11 @@ if [ "$#" -gt 0 ] && [[ "$1" != *=* ]] && [[ "$1" != -* ]]; then
 fi
 
 PY=${PY:-python3}
-# Where tinylora_gsm8k reads its parquet files (data.train_files / data.val_files).
+# Where the GSM8K recipes read their parquet files (data.train_files / data.val_files: ${oc.env:HOME}/data/gsm8k).
 DATA=$HOME/data/gsm8k
 for arg in "$@"; do
   case "$arg" in
-    +recipe=tinylora_gsm8k)
+    +recipe=tinylora_gsm8k | +recipe=tinylora_gsm8k_1gpu)
       if [ ! -f "$DATA/train.parquet" ] || [ ! -f "$DATA/test.parquet" ]; then
         echo "[tinylora-verl] writing GSM8K parquet to $DATA" >&2
         "$PY" -m tinylora_verl.cli data gsm8k --out-dir "$DATA" >&2

@@ -85,6 +85,12 @@ def test_shellcheck_clean(script):
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
+def test_image_build_fails_without_flash_attention():
+    """verl's vLLM images build flash_attn; the recipes' remove-padding needs its varlen kernels (or a refusal)."""
+    run = next(block for block in DOCKERFILE.read_text().split("\nRUN ") if block.startswith("pip install"))
+    assert 'python -c "import flash_attn' in run
+
+
 def test_dockerfile_copies_what_the_wheel_needs():
     text = DOCKERFILE.read_text()
     for path in ("pyproject.toml", "setup.py", "hydra_configs/", "hydra_plugins/", "tinylora_verl/",
@@ -111,8 +117,9 @@ def test_entrypoint_prepares_gsm8k_and_composes_the_recipe(tmp_path):
     cfg = yaml.safe_load(proc.stdout)
     assert cfg["tinylora"]["budget"] == 49
     assert cfg["actor_rollout_ref"]["model"]["external_lib"] == "tinylora_verl.verl.register"
-    again = run_entrypoint(tmp_path, "+recipe=tinylora_gsm8k", "--cfg", "job")
+    again = run_entrypoint(tmp_path, "+recipe=tinylora_gsm8k_1gpu", "--cfg", "job", "--resolve")
     assert again.returncode == 0 and "writing GSM8K parquet" not in again.stderr
+    assert yaml.safe_load(again.stdout)["data"]["train_files"] == f"{tmp_path}/data/gsm8k/train.parquet"
 
 
 def test_entrypoint_runs_other_programs_and_guards_unknown_recipes(tmp_path):

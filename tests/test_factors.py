@@ -143,6 +143,51 @@ def test_top_r_svd_batch_of_nothing_and_rank_errors():
         top_r_svd_batch([torch.ones(40, 40), torch.ones(2, 8)], 3)
 
 
+def test_top_r_svd_batch_threads_apply_to_the_call_only(monkeypatch):
+    """Ray actors start with one thread; ``threads`` widens the call and restores the caller's setting."""
+    seen, inner = [], factors._lanczos_svd
+
+    def spy(A, r, kernel=None):
+        seen.append(torch.get_num_threads())
+        return inner(A, r, kernel)
+
+    monkeypatch.setattr(factors, "_lanczos_svd", spy)
+    weights = [decaying(300, 200, seed=i) for i in range(3)]
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        got = top_r_svd_batch(weights, 2, threads=2)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [2]
+    for W, (U, S, V) in zip(weights, got):
+        assert delta_rel(U, S, V, *reference_factors(W, 2)) < 1e-5
+
+
+@pytest.mark.parametrize("threads", [0, -2, 1.5, True])
+def test_top_r_svd_batch_rejects_bad_thread_counts(threads):
+    with pytest.raises(ValueError, match=rf"`threads` should be an integer >= 1, but the value passed is {threads!r}"):
+        top_r_svd_batch([decaying(40, 40, seed=0)], 2, threads=threads)
+
+
+def test_top_r_svd_batch_on_a_device_returns_factors_beside_each_weight():
+    """``device`` only says where the iteration runs; on the weights' own device it changes nothing."""
+    weights = [decaying(300, 200, seed=i) for i in range(2)]
+    for got, want in zip(top_r_svd_batch(weights, 2, device=torch.device("cpu")), top_r_svd_batch(weights, 2)):
+        for g, w in zip(got, want):
+            assert g.device.type == "cpu" and torch.equal(g, w)
+
+
+@pytest.mark.gpu
+def test_top_r_svd_batch_on_a_gpu_matches_the_cpu_for_host_weights():
+    """verl's rank 0 holds weights in host memory: the SVDs run on its GPU and the factors come back beside them."""
+    weights = [decaying(1536, 576, seed=i).bfloat16() for i in range(3)]
+    for W, (U, S, V) in zip(weights, top_r_svd_batch(weights, 2, device=torch.device("cuda"))):
+        assert U.device.type == "cpu"
+        assert delta_rel(U, S, V, *reference_factors(W.float(), 2)) < 1e-4
+
+
 def test_top_r_svd_batch_falls_back_per_weight(monkeypatch, caplog):
     """A weight that does not converge gets a full SVD; the converged ones of its batch keep their factors."""
     monkeypatch.setattr(factors, "_MAX_KRYLOV_DIM", 20)

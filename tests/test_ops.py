@@ -192,3 +192,45 @@ def test_shared_projection_is_outside_autograd_and_autocast():
         h = shared_projection(x, Vt)
     assert h.dtype == torch.float32 and not h.requires_grad and h.shape == (6, 4)
     torch.testing.assert_close(h, x.detach().reshape(6, 6) @ Vt.T)
+
+
+class Float32Allocations(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the element count of every float32 tensor an op returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.sizes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and t.dtype == torch.float32:
+                self.sizes.append(t.numel())
+        return out
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_torch_ops_path_bounds_its_float32_temporaries(variant, monkeypatch):
+    """bf16 activations through the torch-ops path (the GPU's): the float32 copies of x and g and the (tokens, out)
+    product are made a block of rows at a time, with results bit-equal to one block."""
+    from tinylora_verl import ops
+
+    tokens, out_f, in_f = 48, 40, 32
+    U, S, V, P, v = factors(out_f, in_f, 2, 2, seed=11)
+    x, W, b, g = (t.bfloat16() if t is not None else None
+                  for t in inputs((tokens,), out_f, in_f, True, seed=12, dtype=torch.float32))
+
+    def run():
+        xr, vr = x.clone().requires_grad_(), v.clone().requires_grad_()
+        y = adapted(variant, xr, W, b, vr, U, S, V, P)
+        y.backward(g)
+        return y, xr.grad, vr.grad
+
+    whole = run()
+    monkeypatch.setattr(ops, "CHUNK_NUMEL", 4 * max(out_f, in_f))
+    with Float32Allocations() as seen:
+        chunked = run()
+    for a, c in zip(whole, chunked):
+        torch.testing.assert_close(c, a, rtol=0, atol=0)
+    assert max(seen.sizes) <= ops.CHUNK_NUMEL, sorted(seen.sizes)[-5:]
+    assert max(seen.sizes) < tokens * min(out_f, in_f) / 2  # far below what one block would make

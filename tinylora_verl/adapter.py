@@ -320,11 +320,14 @@ def resolve_plan(config: TinyLoRAConfig, names: list[str]) -> TiePlan:
     return build_tie_plan(names, config.target_modules, config.tie_mode, tie_size, u)
 
 
-def inject_tinylora(model: nn.Module, config: TinyLoRAConfig, factors: Optional[dict] = None) -> TinyLoRAAdapter:
+def inject_tinylora(model: nn.Module, config: TinyLoRAConfig, factors: Optional[dict] = None,
+                    device: Optional[torch.device] = None, threads: Optional[int] = None) -> TinyLoRAAdapter:
     """Freeze ``model``, attach TinyLoRA to its target linears, return the adapter handle.
 
     ``factors`` optionally maps module names to precomputed ``(U, S, V)`` (e.g. broadcast from rank 0); the
-    other targets' top-r SVDs are computed here in float32, same-shape weights batched (:func:`top_r_svd_batch`).
+    other targets' top-r SVDs are computed here in float32, same-shape weights batched (:func:`top_r_svd_batch`),
+    on ``device`` (default: where the weights are; a GPU for weights still in host memory) with ``threads`` intra-op
+    threads on the CPU (default: the caller's setting).
     """
     modules = find_target_modules(model, config.target_modules)
     names = canonical_order(list(modules), config.target_modules)
@@ -338,7 +341,7 @@ def inject_tinylora(model: nn.Module, config: TinyLoRAConfig, factors: Optional[
     todo = [n for n in names if n not in factors and modules[n].weight.device.type != "meta"]
     start = time.perf_counter()
     factors.update(zip(todo, top_r_svd_batch([modules[n].weight for n in todo], config.r,
-                                             cpu_kernel=config.cpu_kernel)))
+                                             cpu_kernel=config.cpu_kernel, device=device, threads=threads)))
     if todo:
         logger.info("inject_tinylora: top-%d SVD of %d weights in %.2f s", config.r, len(todo),
                     time.perf_counter() - start)

@@ -95,9 +95,11 @@ def run_cpu_recipe(
     overrides: Sequence[str] = (),
     timeout: Optional[float] = None,
     echo: bool = True,
+    env: Optional[dict[str, str]] = None,
 ) -> RunResult:
     """Run verl's ``main_ppo`` with ``recipe`` for ``steps`` steps into ``out``; resumes from ``out``'s latest
-    checkpoint if there is one (verl's ``resume_mode=auto``)."""
+    checkpoint if there is one (verl's ``resume_mode=auto``). ``overrides`` follow the recipe on the command line
+    (a ``+hardware=`` overlay among them); ``env`` is merged over this process's environment."""
     cache = default_cache_dir()
     prepare_smollm2()
     prepare_data(cache)
@@ -107,7 +109,8 @@ def run_cpu_recipe(
     seen = len(read_metrics(metrics_path))
     log = out / "main_ppo.log"
     log_offset = log.stat().st_size if log.is_file() else 0
-    env = dict(os.environ, TINYLORA_VERL_CACHE=str(cache), VERL_FILE_LOGGER_PATH=str(out / f"metrics.run{int(time.time())}.jsonl"))
+    env = dict(os.environ, TINYLORA_VERL_CACHE=str(cache), **(env or {}),
+               VERL_FILE_LOGGER_PATH=str(out / f"metrics.run{int(time.time())}.jsonl"))
     cmd = [
         sys.executable, "-m", "verl.trainer.main_ppo", f"+recipe={recipe}",
         f"trainer.total_training_steps={steps}", "trainer.logger=[console,file]",

@@ -256,7 +256,8 @@ def top_r_svd(weight: torch.Tensor, r: int, cpu_kernel: str = "auto"
 
 
 def top_r_svd_batch(weights: Sequence[torch.Tensor], r: int, max_batch_numel: int = _BATCH_NUMEL,
-                    cpu_kernel: str = "auto") -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+                    cpu_kernel: str = "auto", device: Optional[torch.device] = None, threads: Optional[int] = None
+                    ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """:func:`top_r_svd` of every weight, weights of one shape and device iterated as one batch.
 
     What :func:`~tinylora_verl.adapter.inject_tinylora` uses: a model has a handful of weight shapes, each
@@ -266,15 +267,25 @@ def top_r_svd_batch(weights: Sequence[torch.Tensor], r: int, max_batch_numel: in
     Rayleigh-Ritz step reads them in float64 a few rows at a time).
     A weight's factors agree with those computed alone to round-off (its convergence check may fall at another
     depth), both within the same distance of a float64 SVD.
+
+    ``device``: where the iteration runs (default: each weight's own device). Weights are copied there one batch
+    at a time, so a model whose weights sit in host memory (verl's rank 0 before FSDP) needs only a batch of device
+    memory; factors come back on each weight's device. ``threads``: intra-op threads for the whole call (default:
+    the caller's); a Ray actor starts with ``OMP_NUM_THREADS=1``, which would run a 7B model's SVDs on one core.
     """
     _check_choice("cpu_kernel", cpu_kernel, CPU_KERNELS)
     for w in weights:
         _check_rank(w, r)
+    if threads is not None:
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            raise ValueError(f"`threads` should be an integer >= 1, but the value passed is {threads!r}")
+        with _torch_threads(threads):
+            return top_r_svd_batch(weights, r, max_batch_numel, cpu_kernel, device)
     out: list[Optional[tuple]] = [None] * len(weights)
     groups: dict[tuple, list[int]] = {}
     for i, w in enumerate(weights):
-        groups.setdefault((tuple(w.shape), w.device), []).append(i)
-    for (shape, _), idx in groups.items():
+        groups.setdefault((tuple(w.shape), torch.device(device) if device is not None else w.device), []).append(i)
+    for (shape, where), idx in groups.items():
         m, n = shape
         if min(m, n) <= _FULL_SVD_MAX_DIM:
             for i in idx:
@@ -285,11 +296,10 @@ def top_r_svd_batch(weights: Sequence[torch.Tensor], r: int, max_batch_numel: in
             for i in idx:
                 out[i] = full_svd(weights[i], r)
             continue
-        on_cpu = weights[idx[0]].device.type == "cpu"
-        kernel = _cpu_gram_kernel(cpu_kernel) if on_cpu and m * n >= _KERNEL_MIN_NUMEL else None
+        kernel = _cpu_gram_kernel(cpu_kernel) if where.type == "cpu" and m * n >= _KERNEL_MIN_NUMEL else None
         per, start = max(1, max_batch_numel // (m * n)), time.perf_counter()
         # One float32 batch buffer for the group, refilled: a fresh one per batch costs page faults as above.
-        buf = torch.empty(min(per, len(idx)), m, n, dtype=torch.float32, device=weights[idx[0]].device)
+        buf = torch.empty(min(per, len(idx)), m, n, dtype=torch.float32, device=where)
         for c in range(0, len(idx), per):
             chunk = idx[c:c + per]
             A = buf[:len(chunk)]  # (B, out, in)
@@ -301,7 +311,7 @@ def top_r_svd_batch(weights: Sequence[torch.Tensor], r: int, max_batch_numel: in
                                    "exactly low rank or repeated singular values); using a full SVD", m, n)
                     out[i] = full_svd(weights[i], r)
                 else:
-                    out[i] = _finish(*f, r)
+                    out[i] = tuple(t.to(weights[i].device) for t in _finish(*f, r))
         logger.info("top_r_svd: %d weights of %dx%d in %.2f s", len(idx), m, n, time.perf_counter() - start)
     return out
 

@@ -33,6 +33,11 @@ import torch.nn.functional as F
 
 from . import cpu_kernel
 
+# The torch-ops path casts bf16 activations to float32 for the update (x for x V, the (tokens, out) product before
+# it is cast into y, g for g U): a block of rows at a time, so those temporaries stay below 2^24 elements (64 MiB)
+# instead of growing with the micro-batch (a 4 x 4608-token micro-batch through an 18944-wide MLP linear: 1.4 GB).
+CHUNK_NUMEL = 1 << 24
+
 # Modules that HF decoder layers call on the same input tensor: their x V products can share one GEMM.
 SHARED_INPUT_TYPES = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
@@ -103,20 +108,28 @@ def _core_t(v: torch.Tensor, PSt: torch.Tensor, r: int) -> torch.Tensor:
     return torch.mv(PSt.double(), v.double()).to(PSt.dtype).view(r, r)  # (r, r)
 
 
+def _row_step(width: int) -> int:
+    """Rows per pass of the torch-ops path when it makes a float32 temporary of a (tokens, width) activation."""
+    return max(1, CHUNK_NUMEL // max(1, width))
+
+
 def _add_rank_r_(y2d: torch.Tensor, a: torch.Tensor, core: torch.Tensor, bt: torch.Tensor, by_columns: bool,
                  kernel: Optional[cpu_kernel.Kernels] = None) -> None:
     """``y ← y + (a core) bt`` in place, for ``y2d`` (tokens, n), ``a`` (tokens, r), ``core`` (r, r), ``bt`` (r, n).
 
     With ``kernel`` (and tensors it takes): one pass, the float32 sum rounded once into ``y``. Otherwise torch
-    ops: the product is formed in ``bt`` 's dtype; into a ``y`` of another dtype it is cast once and added. (A
-    mixed-dtype ``add_`` of the float32 product, one rounding fewer, measured slower: 1.21x vs 1.16x bf16 overhead.)
+    ops: the product is formed in ``bt`` 's dtype; into a ``y`` of another dtype it is cast once and added, a block
+    of rows at a time (:data:`CHUNK_NUMEL`). (A mixed-dtype ``add_`` of the float32 product, one rounding fewer,
+    measured slower.)
     """
     if kernel is not None and cpu_kernel.applies(y2d, a, bt):
         kernel.add_rank_r_(y2d, a, core.contiguous(), bt)
         return
     a2 = torch.mm(a, _as(core, a.dtype))  # (tokens, r)
     if y2d.dtype is not bt.dtype:
-        y2d.add_(torch.mm(a2, bt).to(y2d.dtype))
+        step = _row_step(bt.shape[1])
+        for i in range(0, y2d.shape[0], step):
+            y2d[i:i + step].add_(torch.mm(a2[i:i + step], bt).to(y2d.dtype))  # (rows, n) float32, cast once
     elif by_columns:
         for j in range(a2.shape[1]):
             y2d.addcmul_(a2[:, j:j + 1], bt[j:j + 1])
@@ -129,7 +142,13 @@ def _project(x2d: torch.Tensor, Vt: torch.Tensor, kernel: Optional[cpu_kernel.Ke
     (and an ``x`` it reads) one pass over x in its own dtype, without a float32 copy of a bf16 x."""
     if kernel is not None and cpu_kernel.reads(x2d) and Vt.shape[0] <= cpu_kernel.MAX_RANK:
         return kernel.project(x2d, Vt)
-    return F.linear(_as(x2d, Vt.dtype), Vt)
+    if x2d.dtype is Vt.dtype or x2d.numel() <= CHUNK_NUMEL:
+        return F.linear(_as(x2d, Vt.dtype), Vt)
+    h = torch.empty(x2d.shape[0], Vt.shape[0], dtype=Vt.dtype, device=x2d.device)  # (tokens, k)
+    step = _row_step(x2d.shape[1])
+    for i in range(0, x2d.shape[0], step):
+        torch.mm(x2d[i:i + step].to(Vt.dtype), Vt.T, out=h[i:i + step])  # x cast a block of rows at a time
+    return h
 
 
 def _grad_v(grad_core: torch.Tensor, PSt: torch.Tensor, v_dtype: torch.dtype) -> torch.Tensor:
@@ -242,7 +261,11 @@ class AddLowRankUpdate(torch.autograd.Function):
         grad_x = None
         if ctx.needs_input_grad[1]:
             grad_h = torch.mm(gU, _as(core_t.T, gU.dtype))  # (tokens, r)
-            grad_x = torch.mm(grad_h, layout.Vt).to(x_dtype).view(x_shape)  # (..., in)
+            grad_x = torch.empty(grad_h.shape[0], layout.Vt.shape[1], dtype=x_dtype, device=gU.device)  # (tokens, in)
+            step = _row_step(grad_x.shape[1])
+            for i in range(0, grad_x.shape[0], step):
+                grad_x[i:i + step].copy_(torch.mm(grad_h[i:i + step], layout.Vt))  # float32 rows, cast once
+            grad_x = grad_x.view(x_shape)  # (..., in)
         return g, grad_x, grad_v, None
 
 

@@ -32,7 +32,8 @@ def init_single_process(port: int = 29531) -> None:
 
 
 def build_engine(model_dir: Path, tinylora: dict | None, forward_only: bool = False, lr: float = 1e-2, initialize: bool = True,
-                 lora_extra: dict | None = None, **model_kw):
+                 lora_extra: dict | None = None, attn_implementation: str = "eager", use_remove_padding: bool = False,
+                 **model_kw):
     """``EngineRegistry.new`` exactly as verl's TrainingWorker calls it, then ``initialize()``."""
     import tinylora_verl.verl.register  # noqa: F401  (what model.external_lib does in a worker)
     from verl.trainer.config import CheckpointConfig
@@ -40,8 +41,8 @@ def build_engine(model_dir: Path, tinylora: dict | None, forward_only: bool = Fa
     from verl.workers.engine.base import EngineRegistry
 
     lora = ({"tinylora": tinylora} if tinylora is not None else {}) | (lora_extra or {})
-    mc = HFModelConfig(path=str(model_dir), lora=lora, override_config={"attn_implementation": "eager"},
-                       use_remove_padding=False, **model_kw)
+    mc = HFModelConfig(path=str(model_dir), lora=lora, override_config={"attn_implementation": attn_implementation},
+                       use_remove_padding=use_remove_padding, **model_kw)
     # fp32 compute so results compare exactly with a plain float32 reference
     ec = FSDPEngineConfig(strategy="fsdp2", forward_only=forward_only, use_torch_compile=False,
                           model_dtype="fp32", mixed_precision={"param_dtype": "fp32", "reduce_dtype": "fp32", "buffer_dtype": "fp32"})
@@ -78,3 +79,29 @@ def gloo_rank_main(rank: int, world: int, model_dir: str, port: int, out: str) -
     if rank == 0:
         torch.save({"grads": [p.grad.clone() for p in engine.tl_adapter.parameters()], "norm": norm}, out)
     dist.destroy_process_group()
+
+
+def nested_batch(lengths: list[int], seed: int = 11, vocab: int = 128, **non_tensor):
+    """A verl no-padding micro-batch (jagged ``input_ids``/``position_ids``/``loss_mask``) as ``TrainingWorker``
+    hands it to ``engine.infer_batch``/``train_batch``, one micro-batch holding every sequence."""
+    from verl.utils import tensordict_utils as tu
+
+    gen = torch.Generator().manual_seed(seed)
+    ids = [torch.randint(3, vocab, (n,), generator=gen) for n in lengths]
+
+    def jagged(rows):
+        return torch.nested.as_nested_tensor(rows, layout=torch.jagged)
+
+    tensors = {"input_ids": jagged(ids), "position_ids": jagged([torch.arange(n) for n in lengths]),
+               "loss_mask": jagged([torch.ones(n, dtype=torch.int64) for n in lengths]),
+               "temperature": torch.ones(len(lengths))}
+    settings = dict(use_dynamic_bsz=False, micro_batch_size_per_gpu=len(lengths), use_fused_kernels=False,
+                    calculate_entropy=False, global_token_num=list(lengths)) | non_tensor
+    return tu.get_tensordict(tensor_dict=tensors, non_tensor_dict=settings)
+
+
+def log_probs(engine, lengths: list[int], remove_padding: bool, seed: int = 11) -> list[torch.Tensor]:
+    """Per-sequence token log-probs from ``engine.infer_batch`` with or without packing the micro-batch."""
+    out = engine.infer_batch(nested_batch(lengths, seed, use_remove_padding=remove_padding), loss_function=None)
+    lp = out["model_output"]["log_probs"]
+    return list(lp.unbind()) if lp.is_nested else [row[:n] for row, n in zip(lp, lengths)]

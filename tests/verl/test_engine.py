@@ -177,6 +177,61 @@ def test_checkpoint_round_trip(tmp_path, model_dir, engine):
     assert all(torch.equal(a, b) for a, b in zip(engine.tl_adapter.parameters(), fresh.tl_adapter.parameters()))
 
 
+def test_checkpoint_restores_every_generator(tmp_path, engine):
+    """torch CPU (and CUDA where present), numpy and Python's random continue as if the run had not stopped."""
+    import random
+
+    import numpy as np
+
+    engine.save_checkpoint(str(tmp_path / "global_step_1" / "actor"), global_step=1)
+    draws = (torch.rand(3), np.random.rand(3), random.random())
+    state = torch.load(tmp_path / "global_step_1" / "actor" / "tinylora_state_rank_0.pt", weights_only=False)
+    assert set(state["rng"]) == {"cpu", "cuda", "numpy", "random"}
+    assert (state["rng"]["cuda"] is None) == (not torch.cuda.is_available())
+    engine.load_checkpoint(str(tmp_path / "global_step_1" / "actor"))
+    again = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(draws[0], again[0]) and np.array_equal(draws[1], again[1]) and draws[2] == again[2]
+
+
+def test_checkpoint_of_an_earlier_version_restores_its_cpu_generator(tmp_path, engine):
+    path = tmp_path / "global_step_1" / "actor"
+    engine.save_checkpoint(str(path), global_step=1)
+    state_file = path / "tinylora_state_rank_0.pt"
+    state = torch.load(state_file, weights_only=False)
+    state["cpu_rng"] = state.pop("rng")["cpu"]
+    torch.save(state, state_file)
+    first = torch.rand(2)
+    engine.load_checkpoint(str(path))
+    assert torch.equal(torch.rand(2), first)
+
+
+@pytest.mark.parametrize("keep, left", [(None, [1, 2, 3, 4]), (0, [1, 2, 3, 4]), (2, [3, 4]), (1, [4])])
+def test_max_ckpt_to_keep_is_honoured(tmp_path, engine, keep, left):
+    """verl passes trainer.max_actor_ckpt_to_keep; older actor checkpoints beyond it go once a new one is written."""
+    (tmp_path / "global_step_0" / "actor").mkdir(parents=True)  # not a TinyLoRA checkpoint: never removed
+    for step in (1, 2, 3, 4):
+        engine.save_checkpoint(str(tmp_path / f"global_step_{step}" / "actor"), global_step=step,
+                               max_ckpt_to_keep=keep)
+    kept = sorted(int(p.parent.parent.name.split("_")[-1]) for p in tmp_path.glob("global_step_*/actor/*.safetensors"))
+    assert kept == left and (tmp_path / "global_step_0" / "actor").is_dir()
+
+
+def test_injection_uses_every_core_the_process_may_run_on(model_dir, monkeypatch):
+    """Ray starts actors with OMP_NUM_THREADS=1; a CPU rank's SVDs take all of its cores, a GPU rank's its GPU."""
+    from tinylora_verl.verl import engine as engine_module
+
+    seen, inject = {}, engine_module.inject_tinylora
+
+    def spy(module, config, **kwargs):
+        seen.update(kwargs)
+        return inject(module, config, **kwargs)
+
+    monkeypatch.setattr(engine_module, "inject_tinylora", spy)
+    monkeypatch.setattr(engine_module, "available_cpus", lambda: 3)
+    harness.build_engine(model_dir, {"enable": True, "budget": 7})
+    assert seen == {"device": None, "threads": 3}
+
+
 def test_checkpoint_with_another_config_is_refused(tmp_path, model_dir, engine):
     engine.save_checkpoint(str(tmp_path / "actor"))
     other = harness.build_engine(model_dir, {"enable": True, "budget": 7, "seed": 3})

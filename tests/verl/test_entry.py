@@ -39,13 +39,38 @@ def test_unknown_recipe_fails_loudly():
 
 def test_undiscoverable_plugin_fails_loudly(monkeypatch):
     monkeypatch.setattr(entry, "searchpath_plugin_discovered", lambda: False)
-    with pytest.raises(SystemExit, match=r"\+recipe=tinylora_gsm8k would be added as a plain string and verl would train its defaults"):
-        entry.check_driver(["+recipe=tinylora_gsm8k"])
+    with pytest.raises(SystemExit, match=r"\+recipe=tinylora_gsm8k \+hardware=cpu would be added as plain strings and "
+                                         r"verl would train its defaults"):
+        entry.check_driver(["+recipe=tinylora_gsm8k", "+hardware=cpu"])
 
 
 def test_cpu_recipes_are_detected():
-    assert entry.recipe_needs_cpu("tinylora_gsm8k_cpu")
+    assert entry.recipe_needs_cpu("tinylora_gsm8k_cpu") and entry.recipe_needs_cpu("tinylora_gsm8k_cpu_learn")
     assert not entry.recipe_needs_cpu("tinylora_gsm8k") and not entry.recipe_needs_cpu("tinylora_math")
+    assert entry.recipe_hardware("tinylora_gsm8k_1gpu") == {"gpu1_24gb"}
+
+
+@pytest.mark.parametrize("argv, name", [
+    (["+recipe=tinylora_gsm8k", "+hardware=cpu"], "tinylora_gsm8k"),
+    (["+recipe=tinylora_math", "trainer.nnodes=1", "+hardware=cpu"], "tinylora_math"),
+    (["+hardware=cpu"], None),
+])
+def test_check_driver_accepts_hardware_after_the_recipe(argv, name):
+    assert entry.check_driver(argv) == name
+    assert entry.requested_hardware(argv) == "cpu"
+
+
+def test_unknown_hardware_fails_loudly():
+    with pytest.raises(SystemExit, match=r"unknown hardware overlay 'tpu' \(\+hardware=tpu\); this installation ships "
+                                         r"\['cpu'"):
+        entry.check_driver(["+recipe=tinylora_gsm8k", "+hardware=tpu"])
+
+
+def test_hardware_before_the_recipe_fails_loudly():
+    """Hydra applies appended configs in command-line order: the recipe would override the overlay silently."""
+    with pytest.raises(SystemExit, match=r"\+hardware=cpu comes before \+recipe=, so the recipe's values would "
+                                         r"override the overlay's"):
+        entry.check_driver(["+hardware=cpu", "+recipe=tinylora_gsm8k"])
 
 
 def test_main_ppo_refuses_an_unknown_recipe():
@@ -54,6 +79,26 @@ def test_main_ppo_refuses_an_unknown_recipe():
                          capture_output=True, text=True, timeout=300)
     assert out.returncode != 0
     assert "tinylora_verl: unknown recipe 'tinylora_nope'" in out.stderr
+
+
+def test_main_ppo_resolves_data_paths_without_a_tilde(tmp_path):
+    """The README's check: `main_ppo +recipe=tinylora_gsm8k --cfg job --resolve` shows absolute data paths."""
+    import os
+
+    out = subprocess.run([sys.executable, "-m", "verl.trainer.main_ppo", "+recipe=tinylora_gsm8k", "--cfg", "job",
+                          "--resolve"], capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, HOME=str(tmp_path)))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert f"train_files: {tmp_path}/data/gsm8k/train.parquet" in out.stdout
+    assert f"val_files: {tmp_path}/data/gsm8k/test.parquet" in out.stdout
+    assert not [line for line in out.stdout.splitlines() if "_files:" in line and "~" in line]
+
+
+def test_main_ppo_refuses_hardware_before_the_recipe():
+    out = subprocess.run([sys.executable, "-m", "verl.trainer.main_ppo", "+hardware=cpu", "+recipe=tinylora_gsm8k",
+                          "--cfg", "job"], capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0
+    assert "put +hardware=cpu after the recipe" in out.stderr
 
 
 def test_main_ppo_composes_the_recipe():

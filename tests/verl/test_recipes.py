@@ -8,8 +8,10 @@ from omegaconf import OmegaConf
 from tinylora_verl.verl.entry import available_recipes, recipe_dir
 from tinylora_verl.verl.options import parse_tinylora_block
 
-RECIPES = ["tinylora_gsm8k", "tinylora_math", "tinylora_gsm8k_cpu", "tinylora_gsm8k_cpu_learn", "tinylora_gsm8k_cpu_lora",
-           "tinylora_gsm8k_cpu_verl_lora"]
+RECIPES = ["tinylora_gsm8k", "tinylora_math", "tinylora_gsm8k_1gpu", "tinylora_gsm8k_cpu", "tinylora_gsm8k_cpu_learn",
+           "tinylora_gsm8k_cpu_lora", "tinylora_gsm8k_cpu_verl_lora",
+           # the shipped GPU recipes on the CPU overlay, as CI runs them
+           "tinylora_gsm8k +hardware=cpu", "tinylora_math +hardware=cpu", "tinylora_gsm8k_1gpu +hardware=cpu"]
 # Recipes whose rollout serves a LoRA: (lora.rank, lora_rank, TinyLoRA enabled).
 LORA_RECIPES = {"tinylora_gsm8k_cpu_lora": (2, 0, True), "tinylora_gsm8k_cpu_verl_lora": (0, 8, False)}
 
@@ -23,7 +25,7 @@ def compose(*overrides):
 
 
 def test_packaged_recipes():
-    assert set(RECIPES) <= set(available_recipes())
+    assert {r.split()[0] for r in RECIPES} <= set(available_recipes())
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
@@ -46,7 +48,7 @@ def test_recipe_composes_and_passes_verl_validation(recipe):
                 "print(json.dumps([m.lora.rank, m.lora_rank, m.lora.tinylora.enable]))")
         assert tuple(_run_activated(code)) == LORA_RECIPES[recipe]
         return
-    cfg = compose(f"+recipe={recipe}")
+    cfg = compose(f"+recipe={recipe}".split()[0], *recipe.split()[1:])
     validate_config(config=cfg, use_reference_policy=need_reference_policy(cfg), use_critic=need_critic(cfg))
     assert cfg.algorithm.adv_estimator == "grpo"
     assert cfg.algorithm.rollout_correction.rollout_is == "token"
@@ -67,6 +69,23 @@ def test_gsm8k_recipe_is_the_papers():
     assert a.actor.loss_agg_mode == "token-mean" and a.actor.policy_loss.loss_mode == "vanilla"
     assert a.model.path == "Qwen/Qwen2.5-7B-Instruct" and a.model.lora.tinylora.budget == 13
     assert cfg.reward.custom_reward_function.path == "pkg://tinylora_verl.rewards"
+
+
+def test_one_gpu_recipe_is_the_paper_recipe_on_qwen_1_5b():
+    cfg = compose("+recipe=tinylora_gsm8k_1gpu")
+    a = cfg.actor_rollout_ref
+    assert a.model.path == "Qwen/Qwen2.5-1.5B-Instruct" and cfg.trainer.n_gpus_per_node == 1
+    assert cfg.data.train_batch_size == 64 and a.rollout.n == 4 and cfg.data.max_response_length == 4096
+    assert a.model.lora.tinylora.budget == 13 and a.actor.use_dynamic_bsz
+
+
+def test_data_paths_are_absolute(monkeypatch, tmp_path):
+    """verl hands data paths to datasets.load_dataset unexpanded: a "~" would be read as <cwd>/~/data."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for recipe, folder in (("tinylora_gsm8k", "gsm8k"), ("tinylora_math", "math"), ("tinylora_gsm8k_1gpu", "gsm8k")):
+        data = compose(f"+recipe={recipe}").data
+        assert (data.train_files, data.val_files) == (f"{tmp_path}/data/{folder}/train.parquet",
+                                                      f"{tmp_path}/data/{folder}/test.parquet")
 
 
 def test_math_recipe_is_simplerl():

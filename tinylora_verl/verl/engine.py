@@ -20,10 +20,14 @@ from __future__ import annotations
 
 import logging
 import os
+import random
+import re
 import resource
+import shutil
 import time
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -31,6 +35,7 @@ from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead
 
 from ..adapter import MergeStats, TinyLoRAAdapter, inject_tinylora
 from ..adapter_io import load_adapter_state, save_adapter
+from .attention import attention_implementation, check_attention
 from .options import parse_tinylora_block, tinylora_block_of
 
 logger = logging.getLogger(__name__)
@@ -42,6 +47,14 @@ STATE_FILE = "tinylora_state_rank_{rank}.pt"
 REF_IN_ACTOR_MARKER = "tinylora://actor-as-reference"
 
 
+def available_cpus() -> int:
+    """Cores this process may run on (its affinity mask), whatever OMP_NUM_THREADS says."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
 class TinyLoRAFSDPEngine(FSDPEngineWithLMHead):
     """verl's ``FSDPEngineWithLMHead`` with a TinyLoRA adapter when ``model.lora.tinylora.enable`` is true.
 
@@ -51,10 +64,13 @@ class TinyLoRAFSDPEngine(FSDPEngineWithLMHead):
 
     def __init__(self, model_config, engine_config, optimizer_config, checkpoint_config):
         super().__init__(model_config, engine_config, optimizer_config, checkpoint_config)
+        check_attention(bool(model_config.use_remove_padding), attention_implementation(model_config.override_config),
+                        on_gpu=torch.cuda.is_available())
         self.tl_options, config = parse_tinylora_block(tinylora_block_of(model_config))
         self.tl_config = None if engine_config.forward_only else config
         self.tl_adapter: Optional[TinyLoRAAdapter] = None
         self.tl_last_sync: Optional[MergeStats] = None
+        self.tl_inject_seconds: Optional[float] = None
         if self.tl_config is not None:
             self._check_lora_settings(model_config)
             if model_config.lora_adapter_path not in (None, REF_IN_ACTOR_MARKER):
@@ -95,15 +111,23 @@ class TinyLoRAFSDPEngine(FSDPEngineWithLMHead):
         module = super()._build_module()
         if not self.tinylora_enabled:
             return module
-        self.tl_adapter = inject_tinylora(module, self.tl_config)
+        # Rank 0 holds the real weights in host memory here (other ranks are on meta). Its SVDs run on its GPU when
+        # it has one (one batch of weights on the device at a time), else on every core this process may use: Ray
+        # starts actors with OMP_NUM_THREADS=1, which would leave a 7B model's 196 SVDs to one core.
+        device = self._tl_device()
+        start = time.perf_counter()
+        self.tl_adapter = inject_tinylora(module, self.tl_config, device=None if device.type == "cpu" else device,
+                                          threads=available_cpus() if device.type == "cpu" else None)
+        seconds = self.tl_inject_seconds = time.perf_counter() - start
         # Harmless with verl's non-reentrant checkpointing and required with a reentrant one: frozen inputs
         # would otherwise cut the graph before the adapted linears.
         module.enable_input_require_grads()
         if self.rank == 0:
             plan = self.tl_adapter.tie_plan
             logger.warning(
-                "[tinylora] injected into %d modules: %d trainable (u=%d, %d per %s group, r=%d)",
-                len(plan.module_names), plan.num_params, plan.u, plan.tie_size, plan.mode, self.tl_config.r,
+                "[tinylora] injected into %d modules: %d trainable (u=%d, %d per %s group, r=%d); factors on %s in "
+                "%.1f s", len(plan.module_names), plan.num_params, plan.u, plan.tie_size, plan.mode, self.tl_config.r,
+                device if device.type != "cpu" else f"cpu ({available_cpus()} threads)", seconds,
             )
         return module
 
@@ -271,7 +295,12 @@ class TinyLoRAFSDPEngine(FSDPEngineWithLMHead):
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, local_path: str, hdfs_path=None, global_step: int = 0, max_ckpt_to_keep=None, **kwargs):
-        """Write the few-byte adapter file (rank 0) and per-rank optimizer/scheduler/RNG state; no frozen shards."""
+        """Write the few-byte adapter file (rank 0) and per-rank optimizer/scheduler/RNG state; no frozen shards.
+
+        ``max_ckpt_to_keep`` (verl passes ``trainer.max_actor_ckpt_to_keep``) removes the oldest actor checkpoints
+        beyond that many once this one is written, as verl's own checkpoint manager does; checkpoints of earlier
+        runs in the same folder count too.
+        """
         if not self.tinylora_enabled:
             return super().save_checkpoint(local_path, hdfs_path, global_step, max_ckpt_to_keep, **kwargs)
         os.makedirs(local_path, exist_ok=True)
@@ -280,12 +309,16 @@ class TinyLoRAFSDPEngine(FSDPEngineWithLMHead):
         state = {
             "optimizer": self.optimizer.state_dict(),
             "lr_scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler is not None else None,
-            "cpu_rng": torch.get_rng_state(),
+            "rng": rng_state(),
             "global_step": global_step,
         }
         torch.save(state, os.path.join(local_path, STATE_FILE.format(rank=self.rank)))
         if dist.is_initialized():
             dist.barrier()
+        if self.rank == 0:
+            for old in checkpoints_beyond(local_path, max_ckpt_to_keep):
+                logger.warning("[tinylora] max_ckpt_to_keep=%s: removing %s", max_ckpt_to_keep, old)
+                shutil.rmtree(old, ignore_errors=True)
 
     def load_checkpoint(self, local_path: str, hdfs_path=None, del_local_after_load: int = True, **kwargs):
         """Restore v bit-exactly from the adapter file, then the optimizer, scheduler and RNG state."""
@@ -296,6 +329,48 @@ class TinyLoRAFSDPEngine(FSDPEngineWithLMHead):
         self.optimizer.load_state_dict(state["optimizer"])
         if self.lr_scheduler is not None and state["lr_scheduler"] is not None:
             self.lr_scheduler.load_state_dict(state["lr_scheduler"])
-        torch.set_rng_state(state["cpu_rng"])
+        set_rng_state(state.get("rng", {"cpu": state.get("cpu_rng")}))
         if dist.is_initialized():
             dist.barrier()
+
+
+def rng_state() -> dict:
+    """Every generator a step draws from: torch's CPU and (when present) CUDA generators, numpy's and Python's."""
+    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+            "numpy": np.random.get_state(), "random": random.getstate()}
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what :func:`rng_state` saved (checkpoints of earlier versions hold the CPU generator only)."""
+    torch.set_rng_state(state["cpu"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    if state.get("numpy") is not None:
+        np.random.set_state(state["numpy"])
+    if state.get("random") is not None:
+        random.setstate(state["random"])
+
+
+_STEP_DIR = re.compile(r"^global_step_(\d+)$")
+
+
+def checkpoints_beyond(local_path: str, max_ckpt_to_keep) -> list[str]:
+    """The actor checkpoint folders to remove so that at most ``max_ckpt_to_keep`` remain, ``local_path``
+    (``<run>/global_step_N/actor``) the newest; none when the limit is unset or not positive (keep all)."""
+    if isinstance(max_ckpt_to_keep, bool) or not isinstance(max_ckpt_to_keep, int) or max_ckpt_to_keep <= 0:
+        return []
+    actor = os.path.basename(os.path.normpath(local_path))
+    step_dir = os.path.dirname(os.path.normpath(local_path))
+    run_dir = os.path.dirname(step_dir)
+    match = _STEP_DIR.match(os.path.basename(step_dir))
+    if match is None:
+        return []
+    current = int(match.group(1))
+    older = []
+    for name in os.listdir(run_dir):
+        m = _STEP_DIR.match(name)
+        path = os.path.join(run_dir, name, actor)
+        if m and int(m.group(1)) < current and os.path.isfile(os.path.join(path, ADAPTER_FILE)):
+            older.append((int(m.group(1)), path))
+    older.sort()
+    return [path for _, path in older[:max(0, len(older) + 1 - max_ckpt_to_keep)]]

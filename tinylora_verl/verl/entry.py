@@ -2,11 +2,14 @@
 
 In the driver (``python -m verl.trainer.main_ppo +recipe=NAME ...``) it
 
-- checks that ``NAME`` is one of this package's recipes and that the Hydra search-path plugin that makes it
-  resolvable is importable; otherwise Hydra would add ``recipe: NAME`` as a plain string and verl would
-  quietly train its defaults;
-- switches the CPU platform on for recipes that include ``/recipe/cpu_base`` (the driver decides the device
-  before Ray starts, so the recipe's ``runtime_env`` is too late for this process).
+- checks that ``NAME`` is one of this package's recipes (and a ``+hardware=HW`` overlay one of its overlays,
+  placed after the recipe) and that the Hydra search-path plugin that makes them resolvable is importable;
+  otherwise Hydra would add ``recipe: NAME`` as a plain string and verl would quietly train its defaults;
+- switches the CPU platform on for ``+hardware=cpu`` and for recipes that include ``/hardware/cpu`` (the driver
+  decides the device before Ray starts, so the overlay's ``runtime_env`` is too late for this process).
+
+It also registers the OmegaConf resolver ``${tinylora_cpu_dtype:}`` that the CPU overlay's precision keys use, in
+every process that may resolve a config.
 
 verl swallows ``Exception`` from entry points at debug level, so failures here raise ``SystemExit``, which
 it does not catch. Nothing essential depends on this module: engine registration happens through
@@ -22,59 +25,129 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-RECIPE_DIR = Path(__file__).resolve().parents[2] / "hydra_configs" / "recipe"
-_RECIPE_ARG = re.compile(r"^\+{0,2}recipe=(?P<name>[\w\-./]+)$")
-CPU_BASE = "/recipe/cpu_base"
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "hydra_configs"
+CPU_DTYPE_RESOLVER = "tinylora_cpu_dtype"
+CPU_DTYPE_ENV = "TINYLORA_VERL_CPU_DTYPE"
+CPU_DTYPES = ("bfloat16", "float32")
+# CPU features with native bf16 matrix instructions; without them torch's and vLLM's bf16 GEMMs run scalar loops.
+_BF16_CPU_FLAGS = {"avx512_bf16", "amx_bf16"}
+_GROUP_ARG = re.compile(r"^\+{0,2}(?P<group>recipe|hardware)=(?P<name>[\w\-./]+)$")
+CPU_HARDWARE = "cpu"
+
+
+def config_dir(group: str = "recipe") -> Path:
+    """A packaged config group folder (``tinylora_verl/hydra_configs/<group>``), located without importing Hydra."""
+    spec = importlib.util.find_spec("tinylora_verl.hydra_configs")
+    if spec is not None and spec.submodule_search_locations:
+        return Path(list(spec.submodule_search_locations)[0]) / group
+    return CONFIG_DIR / group
+
+
+def cpu_flags() -> set[str]:
+    """The CPU feature flags Linux reports (empty elsewhere)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.partition(":")[2].split())
+    return set()
+
+
+def cpu_dtype() -> str:
+    """The compute dtype of the CPU overlay: ``bfloat16`` where the CPU has native bf16 matrix instructions
+    (AVX512-BF16, AMX), else ``float32`` (a bf16 GEMM then runs ~200x slower than a float32 one: docs/benchmarks.md).
+    ``TINYLORA_VERL_CPU_DTYPE`` forces either."""
+    forced = os.environ.get(CPU_DTYPE_ENV, "").strip()
+    if forced:
+        if forced not in CPU_DTYPES:
+            raise ValueError(f"{CPU_DTYPE_ENV}={forced!r} is not allowed; use one of {list(CPU_DTYPES)} or unset it")
+        return forced
+    return "bfloat16" if _BF16_CPU_FLAGS & cpu_flags() else "float32"
+
+
+def register_resolvers() -> None:
+    """``${tinylora_cpu_dtype:}`` for the hardware overlays (idempotent)."""
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver(CPU_DTYPE_RESOLVER):
+        OmegaConf.register_new_resolver(CPU_DTYPE_RESOLVER, cpu_dtype)
 
 
 def recipe_dir() -> Path:
-    """The packaged recipes (``tinylora_verl/hydra_configs/recipe``), located without importing Hydra."""
-    spec = importlib.util.find_spec("tinylora_verl.hydra_configs")
-    if spec is not None and spec.submodule_search_locations:
-        return Path(list(spec.submodule_search_locations)[0]) / "recipe"
-    return RECIPE_DIR
+    return config_dir("recipe")
 
 
 def available_recipes() -> list[str]:
     return sorted(p.stem for p in recipe_dir().glob("*.yaml"))
 
 
+def available_hardware() -> list[str]:
+    return sorted(p.stem for p in config_dir("hardware").glob("*.yaml"))
+
+
+def _requested(argv: Sequence[str], group: str) -> tuple[Optional[str], int]:
+    for i, arg in enumerate(argv):
+        m = _GROUP_ARG.match(arg)
+        if m and m.group("group") == group:
+            return m.group("name"), i
+    return None, -1
+
+
 def requested_recipe(argv: Sequence[str]) -> Optional[str]:
-    for arg in argv:
-        m = _RECIPE_ARG.match(arg)
-        if m:
-            return m.group("name")
-    return None
+    return _requested(argv, "recipe")[0]
 
 
-def recipe_needs_cpu(name: str) -> bool:
-    """True when the recipe (or one it includes) lists ``/recipe/cpu_base`` in its defaults."""
-    seen, todo = set(), [name]
+def requested_hardware(argv: Sequence[str]) -> Optional[str]:
+    return _requested(argv, "hardware")[0]
+
+
+def recipe_hardware(name: str) -> set[str]:
+    """The hardware overlays the recipe (or a recipe it includes) lists in its defaults (``- /hardware/NAME``)."""
+    seen, todo, found = set(), [name], set()
     while todo:
         current = todo.pop()
         if current in seen:
             continue
         seen.add(current)
         path = recipe_dir() / f"{current}.yaml"
-        if current == "cpu_base":
-            return True
         if path.is_file():
-            todo.extend(re.findall(r"^\s*-\s*/recipe/(\w+)\s*$", path.read_text(), flags=re.M))
-    return False
+            text = path.read_text()
+            todo.extend(re.findall(r"^\s*-\s*/recipe/(\w+)\s*$", text, flags=re.M))
+            found.update(re.findall(r"^\s*-\s*/hardware/(\w+)\s*$", text, flags=re.M))
+    return found
+
+
+def recipe_needs_cpu(name: str) -> bool:
+    """True when the recipe (or one it includes) composes the ``/hardware/cpu`` overlay."""
+    return CPU_HARDWARE in recipe_hardware(name)
 
 
 def check_driver(argv: Sequence[str]) -> Optional[str]:
-    """Validate a ``+recipe=`` argument; return the recipe name, or raise ``SystemExit`` saying what is missing."""
-    name = requested_recipe(argv)
-    if name is None or not name.startswith(("tinylora", "cpu_base")):
+    """Validate ``+recipe=`` / ``+hardware=`` arguments; return the recipe name, or raise ``SystemExit`` saying what
+    is wrong. A hardware overlay must come after the recipe: Hydra applies appended configs in command-line order, so
+    a recipe listed later would put its own model, batch sizes and lengths back over the overlay's."""
+    name, recipe_at = _requested(argv, "recipe")
+    hardware, hardware_at = _requested(argv, "hardware")
+    if name is not None and not name.startswith("tinylora"):
+        name = None  # another package's recipe: not ours to check
+    if name is None and hardware is None:
         return None
-    recipes = available_recipes()
-    if name not in recipes:
-        raise SystemExit(f"tinylora_verl: unknown recipe {name!r}; this installation ships {recipes}")
+    if name is not None and name not in available_recipes():
+        raise SystemExit(f"tinylora_verl: unknown recipe {name!r}; this installation ships {available_recipes()}")
+    if hardware is not None:
+        if hardware not in available_hardware():
+            raise SystemExit(f"tinylora_verl: unknown hardware overlay {hardware!r} (+hardware={hardware}); this "
+                             f"installation ships {available_hardware()}")
+        if 0 <= recipe_at and hardware_at < recipe_at:
+            raise SystemExit(f"tinylora_verl: +hardware={hardware} comes before +recipe=, so the recipe's values "
+                             f"would override the overlay's; put +hardware={hardware} after the recipe")
     if not searchpath_plugin_discovered():
         raise SystemExit(
             "tinylora_verl: Hydra does not discover the search-path plugin hydra_plugins.tinylora_verl here, so "
-            f"+recipe={name} would be added as a plain string and verl would train its defaults. Install the "
+            f"{' '.join(a for a in argv if _GROUP_ARG.match(a))} would be added as plain strings and verl would train "
+            "its defaults. Install the "
             "package (pip install tinylora-verl; for development: pip install -e . --config-settings "
             "editable_mode=strict) rather than putting it on PYTHONPATH"
         )
@@ -92,8 +165,8 @@ def searchpath_plugin_discovered() -> bool:
     return "TinyLoRASearchPathPlugin" in {p.__name__ for p in Plugins.instance().discover(SearchPathPlugin)}
 
 
-def _activate_cpu_if_requested(name: Optional[str]) -> None:
-    if name is None or not recipe_needs_cpu(name):
+def _activate_cpu_if_requested(name: Optional[str], hardware: Optional[str]) -> None:
+    if hardware != CPU_HARDWARE and (name is None or not recipe_needs_cpu(name)):
         return
     os.environ.setdefault("TINYLORA_VERL_CPU", "1")
     from . import cpu_platform
@@ -102,11 +175,14 @@ def _activate_cpu_if_requested(name: Optional[str]) -> None:
 
 
 def _main() -> None:
+    register_resolvers()
     name = check_driver(sys.argv[1:])
+    hardware = requested_hardware(sys.argv[1:])
     try:
-        _activate_cpu_if_requested(name)
+        _activate_cpu_if_requested(name, hardware)
     except Exception as e:  # verl would hide this at debug level; the run must not go on without the platform
-        raise SystemExit(f"tinylora_verl: could not activate the CPU platform for +recipe={name}: {e!r}") from e
+        raise SystemExit(f"tinylora_verl: could not activate the CPU platform for +recipe={name} "
+                         f"+hardware={hardware}: {e!r}") from e
 
 
 _main()
