@@ -33,7 +33,7 @@ test-fast: setup
 	$(PY) -m pytest -q -rs -m "not slow and not e2e" $(PYTEST_ARGS)
 
 demo: setup
-	$(PY) -m tinylora_verl.demo --steps $(DEMO_STEPS) --out outputs/demo
+	$(PY) -m tinylora_verl.apps.demo --steps $(DEMO_STEPS) --out outputs/demo
 
 bench: setup
 	$(PY) -m bench.run --e2e-run outputs/bench_e2e

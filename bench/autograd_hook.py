@@ -1,4 +1,4 @@
-"""The hook TinyLoRA had before ``tinylora_verl/ops.py``: the same ΔW·x through plain autograd (the "before" row).
+"""The hook TinyLoRA had before ``tinylora_verl/core/ops.py``: the same ΔW·x through plain autograd (the "before" row).
 
 Installed on an existing adapter (bench only), it runs per adapted module and per forward: ``M = einsum(v, P)``,
 ``Σ M``, a cast of ``x`` to float32 (or, with ``hook_dtype=activation``, casts of the factors to the
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from tinylora_verl.factors import mix
+from tinylora_verl.core.factors import mix
 
 
 def _make_hook(adapter, group: int):
@@ -37,7 +37,8 @@ def _make_hook(adapter, group: int):
 def install(adapter) -> None:
     """Replace ``adapter`` 's forwards by the base linear plus the plain-autograd hook (``adapter.remove()``
     still takes them off)."""
-    forwards = adapter._forwards
+    forwards = adapter.forwards
     forwards.remove()
-    forwards.hooked = {name: module.register_forward_hook(_make_hook(adapter, adapter._group_index[name]))
+    group_of = adapter.routing().group_of
+    forwards.hooked = {name: module.register_forward_hook(_make_hook(adapter, group_of[name]))
                        for name, module in adapter.named_adapted_modules()}

@@ -8,8 +8,6 @@ for 13 bf16 scalars, which is all a rollout engine that applied the adapter itse
 
 from __future__ import annotations
 
-import json
-import math
 import statistics
 import time
 from pathlib import Path
@@ -25,28 +23,16 @@ COMPARE_KEYS = ("timing_s/gen", "timing_s/old_log_prob", "timing_s/update_actor"
 
 
 def read_metrics(path: str | Path, keys: tuple[str, ...] = KEYS) -> dict[str, list[tuple[int, float]]]:
-    """``{metric: [(step, value), ...]}`` for ``keys`` and every ``timing_s/*``; malformed lines are skipped and
-    counted. verl prefixes worker metrics with the role (``actor/tinylora/...``); the prefix is dropped."""
-    series: dict[str, list[tuple[int, float]]] = {}
-    bad = 0
-    with open(path) as f:
-        for i, line in enumerate(f):
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                rec = json.loads(line)
-                step, data = int(rec.get("step", i)), rec["data"]
-            except (ValueError, KeyError, TypeError, AttributeError):
-                bad += 1
-                continue
-            for k, v in data.items():
-                k = k.removeprefix("actor/")
-                if (k in keys or k.startswith("timing_s/")) and isinstance(v, (int, float)) and math.isfinite(v):
-                    series.setdefault(k, []).append((step, float(v)))
-    if bad:
-        series["_malformed_lines"] = [(0, float(bad))]
-    return series
+    """``{metric: [(step, value), ...]}`` for ``keys`` and every ``timing_s/*`` (tinylora_verl's one metrics
+    reader); malformed lines are skipped and counted under ``_malformed_lines``. verl prefixes worker metrics with
+    the role (``actor/tinylora/...``); the prefix is dropped."""
+    from tinylora_verl.apps import metrics
+
+    rows = metrics.read_metrics(path)
+    out = metrics.series(rows, keys=keys, strip_prefix="actor/", patterns=(r"^timing_s/",))
+    if rows.malformed:
+        out["_malformed_lines"] = [(0, float(rows.malformed))]
+    return out
 
 
 def run(path: str | Path, floor_bytes: int = 26, skip_first: int = 1,
@@ -88,9 +74,22 @@ def run(path: str | Path, floor_bytes: int = 26, skip_first: int = 1,
                    time.perf_counter() - start)
 
 
+def lora_sync_bytes(model_dir: str | Path, rank: int, value_bytes: int = 2) -> int:
+    """Bytes a rank-``rank`` LoRA of every TinyLoRA target linear takes on the wire,
+    ``Σ rank·(in + out)·value_bytes``: what verl's worker streams each step for its own LoRA (the TinyLoRA engine
+    measures only TinyLoRA's syncs)."""
+    from tinylora_verl.apps.models import load_config, meta_model
+    from tinylora_verl.core.adapter import find_target_modules
+    from tinylora_verl.core.config import DEFAULT_TARGET_MODULES
+
+    modules = find_target_modules(meta_model(load_config(str(model_dir))), DEFAULT_TARGET_MODULES)
+    return sum(rank * (m.in_features + m.out_features) * value_bytes for m in modules.values())
+
+
 def compare(runs: dict[str, str | Path], skip_first: int = 1, floor_bytes: int = 26,
-            progress: Optional[Callable[[str], None]] = log) -> Section:
-    """Median of each :data:`COMPARE_KEYS` metric per run, side by side, with each run's ratio to the first."""
+            progress: Optional[Callable[[str], None]] = log, computed: Optional[dict[str, dict]] = None) -> Section:
+    """Median of each :data:`COMPARE_KEYS` metric per run, side by side, with each run's ratio to the first.
+    ``computed`` adds values a run does not log (a verl LoRA run's sync bytes) under its label."""
     start = time.perf_counter()
     progress = progress or (lambda s: None)
     labels = list(runs)
@@ -103,6 +102,8 @@ def compare(runs: dict[str, str | Path], skip_first: int = 1, floor_bytes: int =
         kept = set(steps[skip_first:]) if len(steps) > skip_first else set(steps)
         medians[label] = {k: statistics.median([x for s, x in v if s in kept]) for k, v in series.items()
                           if any(s in kept for s, _ in v)}
+        for k, v in (computed or {}).get(label, {}).items():
+            medians[label].setdefault(k, v)
     keys = [k for k in COMPARE_KEYS if any(k in m for m in medians.values())]
     keys += sorted({k for m in medians.values() for k in m if k.startswith("timing_s/")} - set(keys))
     first = labels[0]
@@ -118,6 +119,8 @@ def compare(runs: dict[str, str | Path], skip_first: int = 1, floor_bytes: int =
         sb = medians[lb].get("tinylora/sync_bytes")
         if sb:
             notes.append(f"{lb}: {sb:.4g} B per sync, ×{sb / floor_bytes:.3g} the physical floor of {floor_bytes} B.")
+    for lb, values in (computed or {}).items():
+        notes.append(f"{lb}: {', '.join(values)} computed from the adapter's shapes, not logged by the run.")
     summary = {"runs": {lb: str(p) for lb, p in runs.items()}, "medians": medians, "floor_bytes": floor_bytes}
     return Section("e2e-compare", "End-to-end step on CPU, side by side", cols, rows, notes, summary,
                    time.perf_counter() - start)
@@ -126,6 +129,8 @@ def compare(runs: dict[str, str | Path], skip_first: int = 1, floor_bytes: int =
 # (label, recipe): the same CPU model, data, batch sizes and rollout; only the adapter and its sync differ.
 RECIPES = (("TinyLoRA merged", "tinylora_gsm8k_cpu"), ("TinyLoRA lora sync", "tinylora_gsm8k_cpu_lora"),
            ("verl LoRA r=8", "tinylora_gsm8k_cpu_verl_lora"))
+# The runs whose sync the TinyLoRA engine does not measure: label -> the rank of verl's own LoRA.
+VERL_LORA_RANKS = {"verl LoRA r=8": 8}
 # Paired seeds, no checkpoints: the runs time steps, they do not keep them.
 RUN_OVERRIDES = ("actor_rollout_ref.rollout.seed=0", "data.seed=0", "trainer.save_freq=-1")
 
@@ -134,8 +139,8 @@ def run_recipes(out_dir: str | Path, steps: int = 3, recipes=RECIPES, timeout: f
                 progress: Optional[Callable[[str], None]] = log) -> dict[str, Path]:
     """Run each recipe for ``steps`` GRPO steps into ``out_dir/<recipe>`` one after another (two CPU stacks at
     once do not fit in memory), reusing a run whose metrics already hold ``steps`` steps; ``{label: JSONL}``."""
-    from tinylora_verl.demo import run_cpu_recipe
-    from tinylora_verl.demo import read_metrics as read_rows
+    from tinylora_verl.apps.demo import run_cpu_recipe
+    from tinylora_verl.apps.metrics import read_metrics as read_rows
 
     progress = progress or (lambda s: None)
     paths = {}

@@ -90,7 +90,7 @@ def run(model: nn.Module, budget: int = 13, values: Sequence[float] = VALUES,
     progress(f"fidelity: injecting TinyLoRA(budget={budget}) into {label}")
     adapter = inject_tinylora(model, TinyLoRAConfig(budget=budget))
     probe = LogprobProbe(*logprob_models, budget=budget, seed=seed) if logprob_models else None
-    w_sq = sum(m.weight.detach().float().square().sum().item() for m in adapter._modules_by_name.values())
+    w_sq = sum(m.weight.detach().float().square().sum().item() for _, m in adapter.named_adapted_modules())
     rows, cases = [], []
     try:
         for pattern in patterns:

@@ -18,9 +18,10 @@ remove-padding (flash-attn when importable, else SDPA), gradient checkpointing a
 
 It prints the injection time, step time, peak memory and the adapter's forward+backward time over the same model
 with the adapter off (self ratio) at 4096 tokens. ``--cpu`` runs 128 tokens over a 4096-word vocabulary, in bf16
-only where the CPU has native bf16 matrix instructions (float32 elsewhere: a bf16 GEMM there is ~200x slower). Needs torch and transformers, plus verl
-and its light dependencies (``bench/gpu_wheels.sh`` downloads them); a stand-in ``ray`` module is installed when
-Ray is absent (verl imports it at import time; nothing on this path calls it).
+only where the CPU has native bf16 matrix instructions (float32 elsewhere: a bf16 GEMM there is ~200x slower).
+On a GPU it needs torch and transformers, plus verl and its light dependencies (``bench/gpu_wheels.sh`` downloads
+them); a stand-in ``ray`` module is installed when Ray is absent (verl imports it at import time; nothing on this
+path calls it). ``--cpu`` also activates tinylora_verl's CPU platform, which needs vLLM's CPU build (CI's stack).
 """
 
 from __future__ import annotations
@@ -122,7 +123,8 @@ def markdown(report: dict) -> str:
     for s in report["shapes"]:
         lines.append(f"| {s['name']} | {s['attention']} | {s['dtype']} | {s['tokens']} | {s['inject_s']:.2f} | "
                      f"{s['step_s']:.2f} | "
-                     f"{s['peak_gb']:.2f} | {s['overhead']:.3f} [{s['overhead_ci'][0]:.3f}–{s['overhead_ci'][1]:.3f}] | "
+                     f"{s['peak_gb']:.2f} | {s['overhead']:.3f} "
+                     f"[{s['overhead_ci'][0]:.3f}–{s['overhead_ci'][1]:.3f}] | "
                      f"{s['fused_err']:.3g} ({s['base_err']:.3g}) | {s['grad_rel']:.2e} | {s['packing_diff']:.2e} |")
     lines += ["", "Checks passed:", ""] + [f"- {s['name']}: {c}" for s in report["shapes"] for c in s["checks"]]
     return "\n".join(lines) + "\n"

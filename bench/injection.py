@@ -71,7 +71,7 @@ def compare_batch(weights: list[torch.Tensor], r: int, M: torch.Tensor, repeats:
     ``ref64`` adds both factorizations' ΔW error against a float64 full SVD: when σ_r ≈ σ_{r+1} the top-r
     singular vectors are ill-conditioned and even a float32 full SVD is off by ~1e-5..1e-4.
     """
-    from tinylora_verl.factors import canonicalize_signs, dense_delta, full_svd, top_r_svd_batch
+    from tinylora_verl.core.factors import canonicalize_signs, dense_delta, full_svd, top_r_svd_batch
 
     # Each repeat times the batch and then every weight's full SVD, so both see the machine of the same minute: on
     # this shared 2-core VM the speed of a many-small-ops code like the Lanczos iteration drifts by tens of percent
@@ -212,7 +212,7 @@ def run(real_modules: Optional[Callable[[], Iterable[tuple[str, str, torch.Tenso
         "top_r_svd: float32 block Lanczos (block 2) on the smaller side's Gram until the top-r Ritz residual is "
         "≤ 2e-6 σ₁², then a float64 Rayleigh-Ritz step on the top r + 6 Ritz vectors, which separates nearly equal "
         "σ_r ≈ σ_{r+1} that float32 round-off cannot (float64 full SVD only when min(out, in) ≤ 32). Its products "
-        "with the Gram run on the C++ kernel `gram_apply` (tinylora_verl/csrc/gram_apply.cpp: one pass over a tall "
+        "with the Gram run on the C++ kernel `gram_apply` (tinylora_verl/kernels/csrc/gram_apply.cpp: one pass over a tall "
         "weight's rows, two over a wide one's); `top_r_svd, torch GEMMs` is the same call with `cpu_kernel='off'` "
         "(two batched GEMMs per step), timed in the same repeat, and kernel gain the ratio of the two.",
         "max ΔW rel compares against float32 full_svd, which is itself up to ~1e-4 off a float64 SVD on SmolLM2 "

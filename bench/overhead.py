@@ -62,7 +62,7 @@ def build_variants(factory: Callable[[torch.dtype], nn.Module], dtype: torch.dty
     from peft import LoraConfig, TinyLoraConfig, get_peft_model
 
     from tinylora_verl import TinyLoRAConfig, find_target_modules, inject_tinylora
-    from tinylora_verl.config import DEFAULT_TARGET_MODULES
+    from tinylora_verl.core.config import DEFAULT_TARGET_MODULES
 
     targets = list(DEFAULT_TARGET_MODULES)
     out: dict[str, Variant] = {}
@@ -76,7 +76,9 @@ def build_variants(factory: Callable[[torch.dtype], nn.Module], dtype: torch.dty
         m = factory(dtype)
         adapter = inject_tinylora(m, TinyLoRAConfig(budget=budget, **config))
         if reroute is not None:
-            adapter.reroute(**reroute)
+            from .variants import reroute as install_routing
+
+            install_routing(adapter, **reroute)
         if install is not None:
             install(adapter)
         out[name] = Variant(m, list(adapter.vectors) + [_gate(m)], adapter.num_trainable, adapter.disable_adapter)
@@ -243,14 +245,14 @@ def run(factory: Callable[[torch.dtype], nn.Module], dtypes: Sequence[torch.dtyp
         "work done rather than time spent descheduled (with >1 thread it also counts OpenMP spin-waits).",
         "TinyLoRA (ours): each linear's forward is one fused node (base linear + update, the update's input "
         "gradient added in place into the base's). hook path (before): the package's previous design, still what "
-        "linears with their own forward get (`adapter.reroute(fused=False)`): a forward hook whose hand-written "
+        "linears with their own forward get (`bench.variants.reroute(adapter, fused=False)`): a forward hook whose hand-written "
         "node updates the output in place and returns its own input gradient for autograd to add. "
         "plain-autograd hook (before): bench/autograd_hook.py, the hook the package had before "
-        "tinylora_verl/ops.py (same math, one autograd node per op, out-of-place add, x V per module). "
+        "tinylora_verl/core/ops.py (same math, one autograd node per op, out-of-place add, x V per module). "
         "torch ops only: the fused node with `cpu_kernel: off`, i.e. without the one-pass C++ kernel "
-        "(tinylora_verl/csrc/rank_r_update.cpp) that adds the rank-2 update into the activations. "
+        "(tinylora_verl/kernels/csrc/rank_r_update.cpp) that adds the rank-2 update into the activations. "
         "a node per module: q/k/v and gate/up as a node each (over one shared x V) instead of one node per group "
-        "(`adapter.reroute(group_nodes=False)`). "
+        "(`bench.variants.reroute(adapter, group_nodes=False)`). "
         "hook_dtype=activation: the package option that runs the adapter math in the model's dtype (bf16/fp16 "
         "only), the fix for the bf16 overhead.",
         "saved MB = activations autograd keeps for backward (parameters and buffers excluded).",

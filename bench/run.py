@@ -71,7 +71,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def smollm2_factory():
     from transformers import AutoModelForCausalLM
 
-    from tinylora_verl.models import prepare_smollm2
+    from tinylora_verl.apps.models import prepare_smollm2
 
     path = str(prepare_smollm2())
 
@@ -84,8 +84,8 @@ def smollm2_factory():
 def smollm2_modules(factory):
     """Target weights of SmolLM2 (bf16 as stored), one at a time, as ``(name, type, weight)``."""
     from tinylora_verl import find_target_modules
-    from tinylora_verl.config import DEFAULT_TARGET_MODULES
-    from tinylora_verl.tying import canonical_order
+    from tinylora_verl.core.config import DEFAULT_TARGET_MODULES
+    from tinylora_verl.core.tying import canonical_order
 
     def gen():
         mods = find_target_modules(factory(torch.bfloat16), DEFAULT_TARGET_MODULES)
@@ -256,7 +256,13 @@ def main(argv=None) -> int:
         if args.e2e_metrics:
             sections["e2e"] = e2e.run(args.e2e_metrics, floor_bytes=args.e2e_floor_bytes)
         if compare_runs:
-            sections["e2e-compare"] = e2e.compare(compare_runs, floor_bytes=args.e2e_floor_bytes)
+            computed = {}
+            if any(label in compare_runs for label in e2e.VERL_LORA_RANKS):
+                from tinylora_verl.apps.models import prepare_smollm2
+
+                computed = {label: {"tinylora/sync_bytes": float(e2e.lora_sync_bytes(prepare_smollm2(), rank))}
+                            for label, rank in e2e.VERL_LORA_RANKS.items() if label in compare_runs}
+            sections["e2e-compare"] = e2e.compare(compare_runs, floor_bytes=args.e2e_floor_bytes, computed=computed)
     total = time.perf_counter() - t0
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -196,7 +196,7 @@ def check_fused_op(engine, device: str, dtype: torch.dtype = torch.bfloat16) -> 
     """The fused linear under ``dtype`` autocast vs float64 ``x (W + ΔW)ᵀ + b``, for the first q_proj (bias) and
     down_proj: no further from it than the base linear in ``dtype`` is from its own float64 value, twice over, plus
     half an ulp of ``dtype`` at the largest output (the update adds one rounding of the output)."""
-    from tinylora_verl.ops import factor_layouts, tinylora_linear
+    from tinylora_verl.core.ops import factor_layouts, tinylora_linear
 
     worst = (0.0, 0.0)
     gen = torch.Generator().manual_seed(1)
@@ -225,7 +225,7 @@ def check_fused_op(engine, device: str, dtype: torch.dtype = torch.bfloat16) -> 
 
 def check_v_gradient(engine, device: str) -> float:
     """``∂L/∂v`` of the fused node (float32 inputs) against autograd through the dense ΔW(v) in float64."""
-    from tinylora_verl.ops import factor_layouts, tinylora_linear
+    from tinylora_verl.core.ops import factor_layouts, tinylora_linear
 
     worst = 0.0
     gen = torch.Generator().manual_seed(2)

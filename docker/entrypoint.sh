@@ -17,7 +17,7 @@ for arg in "$@"; do
     +recipe=tinylora_gsm8k | +recipe=tinylora_gsm8k_1gpu)
       if [ ! -f "$DATA/train.parquet" ] || [ ! -f "$DATA/test.parquet" ]; then
         echo "[tinylora-verl] writing GSM8K parquet to $DATA" >&2
-        "$PY" -m tinylora_verl.cli data gsm8k --out-dir "$DATA" >&2
+        "$PY" -m tinylora_verl.apps.cli data gsm8k --out-dir "$DATA" >&2
       fi
       ;;
   esac

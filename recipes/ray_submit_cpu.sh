@@ -17,9 +17,9 @@ CACHE=${TINYLORA_VERL_CACHE:-$HOME/.cache/tinylora_verl}
 # Ray 2.60 starts heads with token authentication; the job client must use it too (token in ~/.ray/auth_token).
 export TINYLORA_VERL_CACHE=$CACHE RAY_TMPDIR=${RAY_TMPDIR:-/tmp/ray_tinylora} RAY_AUTH_MODE=${RAY_AUTH_MODE:-token}
 
-"$PY" -m tinylora_verl.cli prepare-smollm2
+"$PY" -m tinylora_verl.apps.cli prepare-smollm2
 if [ ! -f "$CACHE/data/gsm8k_oneshot/train.parquet" ]; then
-  "$PY" -m tinylora_verl.cli data gsm8k --prompt-style oneshot --out-dir "$CACHE/data/gsm8k_oneshot"
+  "$PY" -m tinylora_verl.apps.cli data gsm8k --prompt-style oneshot --out-dir "$CACHE/data/gsm8k_oneshot"
 fi
 mkdir -p "$OUT"
 

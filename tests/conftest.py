@@ -96,7 +96,7 @@ def input_ids():
 @pytest.fixture(scope="session")
 def smollm2_path() -> Path:
     """The real SmolLM2-135M-Instruct as an HF folder (converted once from the PyPI GGUF, then cached)."""
-    from tinylora_verl.models import prepare_smollm2
+    from tinylora_verl.apps.models import prepare_smollm2
 
     return prepare_smollm2()
 
@@ -107,7 +107,7 @@ def smollm2_factors(smollm2_path):
     from transformers import AutoModelForCausalLM
 
     from tinylora_verl import find_target_modules, top_r_svd
-    from tinylora_verl.config import DEFAULT_TARGET_MODULES
+    from tinylora_verl.core.config import DEFAULT_TARGET_MODULES
 
     model = AutoModelForCausalLM.from_pretrained(str(smollm2_path), dtype=torch.bfloat16)
     return {n: top_r_svd(m.weight, 2) for n, m in find_target_modules(model, DEFAULT_TARGET_MODULES).items()}

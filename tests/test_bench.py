@@ -11,6 +11,7 @@ import torch
 from bench import e2e, fidelity, injection, overhead, overhead_ab, profiling, run
 from bench.common import Section, bootstrap_ci, git_commit, interleaved_times, paired_ratios
 from bench.autograd_hook import install
+from tinylora_verl.core.config import DEFAULT_TARGET_MODULES
 from tests.conftest import tiny_causal_lm
 from tinylora_verl import TinyLoRAConfig, inject_tinylora
 
@@ -213,7 +214,7 @@ def test_autograd_hook_matches_package_hook(dtype, hook_dtype):
 def test_injection_structure():
     model = factory(torch.float32)
     from tinylora_verl import find_target_modules
-    from tinylora_verl.config import DEFAULT_TARGET_MODULES
+    from tinylora_verl.core.config import DEFAULT_TARGET_MODULES
 
     mods = find_target_modules(model, DEFAULT_TARGET_MODULES)
 
@@ -352,8 +353,28 @@ class FakeRun:
         return "line 1\nTraceback: boom"
 
 
+def test_lora_sync_bytes_are_peft_loras_on_the_wire(tmp_path):
+    """The verl LoRA baseline's per-step sync, from shapes: peft's own rank-8 adapter, in bf16."""
+    from peft import LoraConfig, get_peft_model
+
+    from tests.conftest import save_tiny_model
+
+    model = save_tiny_model(tmp_path / "tiny")
+    peft_model = get_peft_model(model, LoraConfig(r=8, target_modules=list(DEFAULT_TARGET_MODULES)))
+    wire = sum(p.numel() * 2 for n, p in peft_model.named_parameters() if "lora_" in n)
+    assert e2e.lora_sync_bytes(tmp_path / "tiny", 8) == wire > 0
+
+
+def test_e2e_compare_adds_computed_values(tmp_path):
+    write_clean(tmp_path / "a.jsonl")
+    sec = e2e.compare({"merged": tmp_path / "a.jsonl", "verl LoRA r=8": tmp_path / "a.jsonl"}, progress=None,
+                      computed={"verl LoRA r=8": {"perf/peak_rss_gb": 7.5}})
+    assert sec.summary["medians"]["verl LoRA r=8"]["perf/peak_rss_gb"] == 7.5
+    assert any("computed from the adapter's shapes" in n for n in sec.notes)
+
+
 def test_e2e_run_recipes_runs_missing_and_reuses_complete(tmp_path, monkeypatch):
-    import tinylora_verl.demo as demo
+    import tinylora_verl.apps.demo as demo
 
     calls = []
 

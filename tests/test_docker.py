@@ -78,7 +78,7 @@ def test_hadolint_clean():
 
 
 @pytest.mark.parametrize("script", ["docker/entrypoint.sh", "recipes/ray_submit.sh", "recipes/ray_submit_cpu.sh",
-                                    ".ci/run"])
+                                    "bench/gpu_wheels.sh", ".ci/run"])
 def test_shellcheck_clean(script):
     shellcheck = shutil.which("shellcheck") or str(Path(sys.executable).parent / "shellcheck")
     proc = subprocess.run([shellcheck, str(ROOT / script)], capture_output=True, text=True)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tinylora_verl.config import TinyLoRAConfig
+from tinylora_verl.core.config import TinyLoRAConfig
 from tinylora_verl.verl.options import TinyLoRAVerlOptions
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,7 +41,7 @@ COVERAGE = [
     (r"python -m bench\.gpu_smoke --markdown docs/gpu\.md", ["tests/test_gpu_smoke.py::test_gpu_smoke_runs_on_a_gpu"]),
     (r"python -m bench\.gpu_smoke --cpu", ["tests/test_gpu_smoke.py::test_gpu_smoke_runs_on_the_cpu"]),
     (r"tinylora-verl data gsm8k --out-dir ~/data/gsm8k( --prompt-style oneshot)?",
-     ["tests/test_cli.py::test_data_subcommand_writes_parquet", "tests/test_data.py::test_gsm8k_prompt_styles"]),
+     ["tests/apps/test_cli.py::test_data_subcommand_writes_parquet", "tests/tasks/test_data.py::test_gsm8k_prompt_styles"]),
     (r"python -m verl\.trainer\.main_ppo \+recipe=tinylora_gsm8k",
      ["tests/verl/test_recipes.py::test_recipe_composes_and_passes_verl_validation",
       "tests/verl/test_gpu.py::test_paper_recipe_runs_two_steps_on_four_gpus"]),
@@ -52,34 +52,34 @@ COVERAGE = [
     (r"\.venv/bin/python -m verl\.trainer\.main_ppo \+recipe=tinylora_gsm8k_cpu",
      ["tests/verl/test_cpu_e2e.py::test_two_grpo_steps_move_v"]),
     (r"\.venv/bin/python -m verl\.trainer\.main_ppo \+recipe=tinylora_gsm8k_cpu_learn",
-     ["tests/test_sweep.py::test_local_sweep_runs_and_collects"]),
-    (r"\.venv/bin/python -m tinylora_verl\.cpu_learning --out \S+",
-     ["tests/test_cpu_learning.py::test_study_resumes_and_continues_the_winner",
+     ["tests/apps/test_sweep.py::test_local_sweep_runs_and_collects"]),
+    (r"\.venv/bin/python -m tinylora_verl\.apps\.cpu_learning --out \S+",
+     ["tests/apps/test_cpu_learning.py::test_study_resumes_and_continues_the_winner",
       "tests/test_readme.py::test_cheap_commands_run"]),
     (r"RAY_ADDRESS=\S+ NNODES=\d+ bash recipes/ray_submit\.sh",
      ["tests/verl/test_ray_submit.py::test_ray_job_submission_trains_and_checkpoints",
       "tests/verl/test_cluster.py::test_check_fails_loudly"]),
     (r"STEPS=2 PY=\.venv/bin/python bash recipes/ray_submit_cpu\.sh",
      ["tests/verl/test_ray_submit.py::test_ray_job_submission_trains_and_checkpoints"]),
-    (r"python -m tinylora_verl\.sweep --out \S+ --dry-run", ["tests/test_readme.py::test_cheap_commands_run",
-                                                             "tests/test_sweep.py::test_default_grid_is_the_papers"]),
-    (r"python -m tinylora_verl\.sweep --out \S+ --backend ray .*",
-     ["tests/test_sweep.py::test_ray_sweep_submits_jobs_and_collects"]),
+    (r"python -m tinylora_verl\.apps\.sweep --out \S+ --dry-run", ["tests/test_readme.py::test_cheap_commands_run",
+                                                             "tests/apps/test_sweep.py::test_default_grid_is_the_papers"]),
+    (r"python -m tinylora_verl\.apps\.sweep --out \S+ --backend ray .*",
+     ["tests/apps/test_sweep.py::test_ray_sweep_submits_jobs_and_collects"]),
     (r"tinylora-verl plan --model \S+ --budget 13", ["tests/test_readme.py::test_cheap_commands_run",
-                                                     "tests/test_cli.py::test_plan_qwen7b_13"]),
-    (r"tinylora-verl prepare-smollm2", ["tests/test_models.py::test_conversion_is_cached_and_faithful"]),
-    (r"tinylora-verl export .*", ["tests/test_cli.py::test_export_merged_and_lora"]),
-    (r"tinylora-verl show .*", ["tests/test_cli.py::test_show"]),
-    (r"tinylora-verl eval .*", ["tests/test_eval.py::test_cli_eval", "tests/test_eval.py::test_vllm_eval_base_merged_lora",
-                                "tests/test_eval.py::test_load_gsm8k_prompt_style_matches_training_records"]),
-    (r"tinylora-verl plot \S+", ["tests/test_eval.py::test_plot_metrics"]),
+                                                     "tests/apps/test_cli.py::test_plan_qwen7b_13"]),
+    (r"tinylora-verl prepare-smollm2", ["tests/apps/test_models.py::test_conversion_is_cached_and_faithful"]),
+    (r"tinylora-verl export .*", ["tests/apps/test_cli.py::test_export_merged_and_lora"]),
+    (r"tinylora-verl show .*", ["tests/apps/test_cli.py::test_show"]),
+    (r"tinylora-verl eval .*", ["tests/apps/test_eval.py::test_cli_eval", "tests/apps/test_eval.py::test_vllm_eval_base_merged_lora",
+                                "tests/apps/test_eval.py::test_load_gsm8k_prompt_style_matches_training_records"]),
+    (r"tinylora-verl plot \S+", ["tests/apps/test_eval.py::test_plot_metrics"]),
 ]
 
 # Run here by test_cheap_commands_run (each takes seconds).
 CHEAP = [
     "tinylora-verl plan --model tests/data/configs/qwen2.5-7b-instruct.json --budget 13",
-    "python -m tinylora_verl.sweep --out outputs/sweep --dry-run",
-    ".venv/bin/python -m tinylora_verl.cpu_learning --out outputs/cpu_learning --dry-run",
+    "python -m tinylora_verl.apps.sweep --out outputs/sweep --dry-run",
+    ".venv/bin/python -m tinylora_verl.apps.cpu_learning --out outputs/cpu_learning --dry-run",
 ]
 
 
@@ -119,7 +119,7 @@ def test_every_coverage_row_is_used():
 def test_cheap_commands_run(cmd, tmp_path):
     argv = shlex.split(cmd)
     if argv[0] == "tinylora-verl":
-        argv = [sys.executable, "-m", "tinylora_verl.cli", *argv[1:]]
+        argv = [sys.executable, "-m", "tinylora_verl.apps.cli", *argv[1:]]
     elif argv[0].endswith("python"):
         argv = [sys.executable, *argv[1:]]
     argv = [str(tmp_path / a) if a.startswith("outputs/") else a for a in argv]
@@ -140,7 +140,7 @@ def test_make_targets_run_what_they_say():
     proc = subprocess.run(["make", "-n", "-W", "requirements/cpu.txt", "demo", "bench"], cwd=ROOT,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
-    assert re.search(r"\.venv/bin/python -m tinylora_verl\.demo --steps \d+ --out outputs/demo", proc.stdout)
+    assert re.search(r"\.venv/bin/python -m tinylora_verl\.apps\.demo --steps \d+ --out outputs/demo", proc.stdout)
     assert ".venv/bin/python -m bench.run" in proc.stdout
 
 

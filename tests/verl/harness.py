@@ -10,7 +10,7 @@ import torch
 
 def activate_cpu() -> None:
     os.environ["TINYLORA_VERL_CPU"] = "1"
-    from tinylora_verl.verl import cpu_platform
+    from tinylora_verl.verl.cpu import platform as cpu_platform
 
     cpu_platform.activate()
 

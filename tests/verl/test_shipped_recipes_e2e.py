@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from tinylora_verl.adapter_io import read_adapter
-from tinylora_verl.demo import run_cpu_recipe
-from tinylora_verl.rewards import compute_score
+from tinylora_verl.core.adapter_io import read_adapter
+from tinylora_verl.apps.demo import run_cpu_recipe
+from tinylora_verl.tasks.rewards import compute_score
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -58,7 +58,7 @@ def home(tmp_path_factory):
 
 
 def run_shipped(recipe: str, env: dict, out: Path, *extra: str):
-    from tinylora_verl.models import default_cache_dir
+    from tinylora_verl.apps.models import default_cache_dir
 
     cache = str(default_cache_dir())  # resolved with the real HOME: the converted SmolLM2
     result = run_cpu_recipe(out, steps=1, recipe=recipe, timeout=1500, env=dict(env, TINYLORA_VERL_CACHE=cache),

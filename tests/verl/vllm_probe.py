@@ -3,7 +3,7 @@
     python vllm_probe.py MODEL_DIR WEIGHTS.safetensors IDS_JSON OUT_JSON
 
 The reload is vLLM's ``Worker.reload_weights(weights_iterator=..., is_checkpoint_format=True)``, the call the
-CPU weight-sync receiver (tinylora_verl.verl.cpu_rollout) makes with the trainer's per-tensor stream.
+CPU weight-sync receiver (tinylora_verl.verl.cpu.rollout) makes with the trainer's per-tensor stream.
 Runs in its own process: vLLM initializes torch.distributed, which the test process already has.
 """
 

@@ -76,16 +76,17 @@ def find_problems(reports: Sequence[NodeReport], expected_version: str, min_node
 def check_cluster(min_nodes: int = 1, address: str = "auto", module: str = PLUGIN_MODULE,
                   expected_version: Optional[str] = None) -> list[NodeReport]:
     """Connect (unless connected), probe every node, raise ``SystemExit`` listing every problem found."""
-    import ray
+    import importlib.metadata
 
-    from tinylora_verl import __version__
+    import ray
 
     if min_nodes < 1:
         raise ValueError(f"min_nodes={min_nodes} must be >= 1")
     if not ray.is_initialized():
         ray.init(address=address, log_to_driver=False)
     reports = probe_nodes(module)
-    problems = find_problems(reports, expected_version or __version__, min_nodes)
+    # The installed distribution's version: the package's __version__, which tests/test_docker.py pins to it.
+    problems = find_problems(reports, expected_version or importlib.metadata.version("tinylora-verl"), min_nodes)
     if problems:
         raise SystemExit(
             "tinylora_verl preflight failed:\n  - " + "\n  - ".join(problems) + "\nInstall the plugin on every "

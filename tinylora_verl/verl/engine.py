@@ -33,8 +33,8 @@ import torch.distributed as dist
 
 from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead
 
-from ..adapter import MergeStats, TinyLoRAAdapter, inject_tinylora
-from ..adapter_io import load_adapter_state, save_adapter
+from ..core.adapter import MergeStats, TinyLoRAAdapter, inject_tinylora
+from ..core.adapter_io import load_adapter_state, save_adapter
 from .attention import attention_implementation, check_attention
 from .options import parse_tinylora_block, tinylora_block_of
 
@@ -58,8 +58,7 @@ def available_cpus() -> int:
 class TinyLoRAFSDPEngine(FSDPEngineWithLMHead):
     """verl's ``FSDPEngineWithLMHead`` with a TinyLoRA adapter when ``model.lora.tinylora.enable`` is true.
 
-    With TinyLoRA disabled, or for forward-only engines (the reference policy), it is the stock engine, plus
-    the per-step sync cost and peak RSS (:meth:`sync_metrics`), so a verl LoRA baseline reports them too.
+    With TinyLoRA disabled, or for forward-only engines (the reference policy), it is the stock engine.
     """
 
     def __init__(self, model_config, engine_config, optimizer_config, checkpoint_config):
@@ -194,16 +193,15 @@ class TinyLoRAFSDPEngine(FSDPEngineWithLMHead):
         # Read before super(): the flag marks the step's last mini-batch, after which v is the step's v.
         last_mini_batch = tu.get(data, key="update_lr_scheduler", default=False)
         outputs = super().train_batch(data, loss_function)
-        if last_mini_batch and self.is_mp_src_rank_with_outputs():
+        if self.tinylora_enabled and last_mini_batch and self.is_mp_src_rank_with_outputs():
             # Reported once per step (verl averages a metric over mini-batches, which would blur v), as
             # one-element lists like verl's per-micro-batch metrics: the worker all-gathers and flattens them.
-            metrics = self.tinylora_metrics() if self.tinylora_enabled else self.sync_metrics()
-            outputs["metrics"].update({k: [v] for k, v in metrics.items()})
+            outputs["metrics"].update({k: [v] for k, v in self.tinylora_metrics().items()})
         return outputs
 
     def sync_metrics(self) -> dict[str, float]:
-        """Measured for any actor, TinyLoRA or not (so a verl LoRA baseline compares): this process's peak RSS
-        (the trainer's memory; vLLM runs in its own processes) and the last sync's bytes and seconds."""
+        """This process's peak RSS (the trainer's memory; vLLM runs in its own processes) and the last sync's bytes
+        and seconds."""
         metrics = {"perf/peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}  # KiB on Linux
         if self.tl_last_sync is not None:
             metrics.update({"tinylora/sync_bytes": float(self.tl_last_sync.bytes),
@@ -223,16 +221,11 @@ class TinyLoRAFSDPEngine(FSDPEngineWithLMHead):
 
     # ------------------------------------------------------------------ weight sync
     def get_per_tensor_param(self, layered_summon=False, base_sync_done=False, **kwargs):
-        if self.tinylora_enabled and self.tl_options.sync_mode == "lora":
-            return self._lora_stream(layered_summon, base_sync_done, **kwargs)
-        stream, peft_config = super().get_per_tensor_param(layered_summon=layered_summon, base_sync_done=base_sync_done, **kwargs)
         if not self.tinylora_enabled:
-            if peft_config is not None and not base_sync_done:
-                # verl's PEFT path asks for the adapter first, then once for the base: count the per-step one.
-                return stream, peft_config
-            stats = MergeStats()
-            self.tl_last_sync = stats
-            return self._counted(stream, stats), peft_config
+            return super().get_per_tensor_param(layered_summon=layered_summon, base_sync_done=base_sync_done, **kwargs)
+        if self.tl_options.sync_mode == "lora":
+            return self._lora_stream(layered_summon, base_sync_done, **kwargs)
+        stream, _ = super().get_per_tensor_param(layered_summon=layered_summon, base_sync_done=base_sync_done, **kwargs)
         stats = MergeStats()
         self.tl_last_sync = stats
         dtype = getattr(torch, self.tl_options.sync_dtype)
@@ -251,16 +244,6 @@ class TinyLoRAFSDPEngine(FSDPEngineWithLMHead):
         self.tl_last_sync = stats
         return self._logged(self.tl_adapter.lora_named_tensors(dtype, stats=stats), stats), peft_config
 
-    @staticmethod
-    def _counted(stream, stats: MergeStats):
-        """Pass a stream through, counting its tensors, bytes and seconds (the baseline's sync cost)."""
-        start = time.perf_counter()
-        for name, tensor in stream:
-            stats.tensors += 1
-            stats.bytes += tensor.numel() * tensor.element_size()
-            yield name, tensor
-        stats.seconds = time.perf_counter() - start
-
     def _logged(self, stream, stats: MergeStats):
         yield from stream
         if self.rank == 0:
@@ -273,20 +256,19 @@ class TinyLoRAFSDPEngine(FSDPEngineWithLMHead):
             )
 
     def get_per_tensor_param_shard(self, **kwargs):
-        if self.tinylora_enabled:
-            raise NotImplementedError(
-                "TinyLoRA sync needs the merged per-tensor stream; sharded sync (checkpoint_engine backends other "
-                "than 'naive') would send unmerged base shards. Use actor_rollout_ref.rollout.checkpoint_engine.backend=naive"
-            )
+        self._refuse_sharded_sync("sharded sync (checkpoint_engine backends other than 'naive') would send unmerged "
+                                  "base shards")
         return super().get_per_tensor_param_shard(**kwargs)
 
     def get_per_tensor_param_delta_shard(self, **kwargs):
-        if self.tinylora_enabled:
-            raise NotImplementedError(
-                "TinyLoRA sync needs the merged per-tensor stream; delta-sharded sync would send unmerged base "
-                "deltas. Use actor_rollout_ref.rollout.checkpoint_engine.backend=naive"
-            )
+        self._refuse_sharded_sync("delta-sharded sync would send unmerged base deltas")
         return super().get_per_tensor_param_delta_shard(**kwargs)
+
+    def _refuse_sharded_sync(self, why: str) -> None:
+        """checkpoint_engine backends other than 'naive' bypass :meth:`get_per_tensor_param`, where TinyLoRA merges."""
+        if self.tinylora_enabled:
+            raise NotImplementedError(f"TinyLoRA sync needs the merged per-tensor stream; {why}. Use "
+                                      "actor_rollout_ref.rollout.checkpoint_engine.backend=naive")
 
     def disable_adapter(self):
         if self.tinylora_enabled:

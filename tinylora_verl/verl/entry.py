@@ -169,9 +169,9 @@ def _activate_cpu_if_requested(name: Optional[str], hardware: Optional[str]) -> 
     if hardware != CPU_HARDWARE and (name is None or not recipe_needs_cpu(name)):
         return
     os.environ.setdefault("TINYLORA_VERL_CPU", "1")
-    from . import cpu_platform
+    from .cpu import platform
 
-    cpu_platform.activate()
+    platform.activate()
 
 
 def _main() -> None:

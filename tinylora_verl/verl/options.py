@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
-from ..config import TinyLoRAConfig
+from ..core.config import TinyLoRAConfig
 
 SYNC_DTYPES = ("bfloat16", "float16", "float32")
 SYNC_MODES = ("merged", "lora")

@@ -1,0 +1,173 @@
+"""Evaluation benchmarks: where each comes from and how a row becomes a prompt plus a ground truth.
+
+Contract: :func:`load_benchmark` returns :class:`Problem` objects whose ``messages`` are exactly the chat prompt
+the training data uses (built by :func:`tinylora_verl.tasks.data.gsm8k_record` / :func:`~tinylora_verl.tasks.data.math_record`,
+so eval and RL see the same text) and whose ``ground_truth`` is what :func:`tinylora_verl.tasks.rewards.compute_score`
+grades against. ``data_source`` selects the reward: GSM8K rows are graded by the ``####`` rules, every other
+benchmark by the last ``\\boxed{}`` and math-verify.
+
+Sources, per benchmark (first that applies):
+
+* ``source`` given: a local ``.jsonl`` file, a directory holding ``<split>.jsonl`` (or ``<name>.jsonl``), or a
+  hub dataset id loaded with ``datasets.load_dataset(id, config, split=...)``;
+* GSM8K without ``source``: :func:`tinylora_verl.tasks.data.load_gsm8k_rows` (``$TINYLORA_VERL_GSM8K_DIR``, the shared
+  checkout copy, then the hub);
+* any other benchmark without ``source``: its registered hub id (network needed).
+
+Row fields: GSM8K needs ``question``/``answer`` (reference solution ending in ``#### <n>``). MATH-style rows need a
+problem (``problem``, ``question`` or ``Problem``) and either a final answer (``answer``, ``final_answer``,
+``Answer``; a list takes its first element) or a ``solution`` with a ``\\boxed{}``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .data import (
+    GSM8K_DATA_SOURCE,
+    GSM8K_INSTRUCTIONS,
+    Subset,
+    gsm8k_record,
+    load_gsm8k_rows,
+    math_record,
+    read_jsonl,
+)
+
+
+@dataclass(frozen=True)
+class BenchmarkSpec:
+    """A registered benchmark: default hub location and the ``data_source`` its rows are graded as."""
+
+    name: str
+    hub_id: str
+    split: str
+    data_source: str
+    hub_config: str | None = None
+
+    @property
+    def is_gsm8k(self) -> bool:
+        return self.data_source == GSM8K_DATA_SOURCE
+
+
+# The hub ids are the ones the usual RL-for-reasoning evaluations load; override any with ``source=``.
+BENCHMARKS: dict[str, BenchmarkSpec] = {
+    s.name: s
+    for s in (
+        BenchmarkSpec("gsm8k", GSM8K_DATA_SOURCE, "test", GSM8K_DATA_SOURCE, hub_config="main"),
+        BenchmarkSpec("math500", "HuggingFaceH4/MATH-500", "test", "HuggingFaceH4/MATH-500"),
+        BenchmarkSpec("minerva_math", "math-ai/minervamath", "test", "math"),
+        BenchmarkSpec("olympiadbench", "math-ai/olympiadbench", "test", "math"),
+        BenchmarkSpec("aime24", "HuggingFaceH4/aime_2024", "train", "aime24"),
+        BenchmarkSpec("amc23", "zwhe99/amc23", "test", "math"),
+    )
+}
+
+_PROBLEM_FIELDS = ("problem", "question", "Problem", "Question")
+_ANSWER_FIELDS = ("answer", "final_answer", "Answer")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One evaluation item: chat ``messages``, the graded ``ground_truth`` and the row's source ``index``."""
+
+    benchmark: str
+    index: int
+    messages: list[dict]
+    ground_truth: str
+    data_source: str
+
+
+def get_spec(name: str) -> BenchmarkSpec:
+    if name not in BENCHMARKS:
+        raise ValueError(f"unknown benchmark {name!r}; known benchmarks are {sorted(BENCHMARKS)}")
+    return BENCHMARKS[name]
+
+
+def parse_benchmarks(text: str) -> list[str]:
+    """``"gsm8k, math500"`` -> ``["gsm8k", "math500"]``; validates every name, rejects duplicates and empties."""
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    if not names:
+        raise ValueError(f"--benchmarks {text!r} names no benchmark; choose from {sorted(BENCHMARKS)}")
+    for n in names:
+        get_spec(n)
+    if len(set(names)) != len(names):
+        raise ValueError(f"--benchmarks {text!r} lists a benchmark twice")
+    return names
+
+
+def _first(row: dict, fields: tuple[str, ...]) -> Any:
+    for f in fields:
+        value = row.get(f)
+        if isinstance(value, (list, tuple)):
+            value = value[0] if value else None
+        if value is not None and str(value).strip():
+            return value
+    return None
+
+
+def _math_problem(spec: BenchmarkSpec, index: int, row: dict, split: str, prompt_style: str = "verl") -> Problem:
+    problem = _first(row, _PROBLEM_FIELDS)
+    answer = _first(row, _ANSWER_FIELDS)
+    if problem is None or (answer is None and not isinstance(row.get("solution"), str)):
+        raise ValueError(f"{spec.name} row {index}: needs one of {list(_PROBLEM_FIELDS)} and one of "
+                         f"{list(_ANSWER_FIELDS) + ['solution']}; found fields {sorted(row)}")
+    # math_record takes the answer from a solution's last \boxed{}; a bare final answer is boxed so that the
+    # prompt and ground-truth extraction stay in one place (data.py).
+    solution = row["solution"] if answer is None else "\\boxed{" + str(answer).strip().strip("$").strip() + "}"
+    rec = math_record(str(problem), solution, split, index, spec.data_source)
+    return Problem(spec.name, index, rec["prompt"], rec["reward_model"]["ground_truth"], spec.data_source)
+
+
+def _gsm8k_problem(spec: BenchmarkSpec, index: int, row: dict, split: str, prompt_style: str = "verl") -> Problem:
+    if not isinstance(row.get("question"), str) or not isinstance(row.get("answer"), str):
+        raise ValueError(f"{spec.name} row {index}: needs string fields 'question' and 'answer'; found {sorted(row)}")
+    rec = gsm8k_record(row["question"], row["answer"], split, index, prompt_style)
+    return Problem(spec.name, index, rec["prompt"], rec["reward_model"]["ground_truth"], spec.data_source)
+
+
+def _load_rows(spec: BenchmarkSpec, source: str | os.PathLike | None, split: str) -> list[dict]:
+    if source is None and spec.is_gsm8k:
+        return load_gsm8k_rows(None, split, log=lambda _: None)
+    if source is not None:
+        path = Path(source).expanduser()
+        if path.is_dir():
+            candidates = [path / f"{split}.jsonl", path / f"{spec.name}.jsonl"]
+            found = [c for c in candidates if c.is_file()]
+            if not found:
+                raise FileNotFoundError(f"{spec.name}: directory {str(path)!r} has neither "
+                                        f"{' nor '.join(c.name for c in candidates)}")
+            path = found[0]
+        if path.is_file() or str(source).endswith(".jsonl"):
+            return read_jsonl(path, required=())
+    hub_id = spec.hub_id if source is None else str(source)
+    try:
+        import datasets
+
+        rows = datasets.load_dataset(hub_id, spec.hub_config, split=split)
+    except Exception as e:
+        raise RuntimeError(f"{spec.name}: loading hub dataset {hub_id!r} (split {split!r}) failed "
+                           f"({type(e).__name__}: {e}); pass a local JSONL file or directory instead") from e
+    return [dict(r) for r in rows]
+
+
+def load_benchmark(name: str, source: str | os.PathLike | None = None, split: str | None = None,
+                   limit: int | None = None, offset: int = 0, prompt_style: str = "verl") -> list[Problem]:
+    """The problems of benchmark ``name`` (rows ``offset:offset+limit`` in source order); see the module docstring.
+
+    ``prompt_style`` (GSM8K only; see :data:`tinylora_verl.tasks.data.GSM8K_INSTRUCTIONS`) must match the training
+    data's, e.g. ``"oneshot"`` for the CPU recipes."""
+    spec = get_spec(name)
+    if prompt_style not in GSM8K_INSTRUCTIONS:
+        raise ValueError(f"prompt_style={prompt_style!r} is not supported; expected one of {sorted(GSM8K_INSTRUCTIONS)}")
+    if prompt_style != "verl" and not spec.is_gsm8k:
+        raise ValueError(f"prompt_style={prompt_style!r} applies to gsm8k only; {name!r} uses the boxed-answer prompt")
+    split = split or spec.split
+    rows = _load_rows(spec, source, split)
+    make = _gsm8k_problem if spec.is_gsm8k else _math_problem
+    return [make(spec, i, row, split, prompt_style) for i, row in Subset(limit=limit, offset=offset).select(rows)]
+
+
+__all__ = ["BENCHMARKS", "BenchmarkSpec", "Problem", "get_spec", "load_benchmark", "parse_benchmarks"]
