@@ -12,7 +12,6 @@ not deep inside a Ray worker.
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
@@ -122,9 +121,6 @@ class TinyLoRAConfig:
         if unknown:
             raise ValueError(f"Unknown TinyLoRA config keys {unknown}; allowed keys are {sorted(known)}")
         return cls(**{k: v for k, v in d.items() if k in known})
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True)
 
 
 def _check_int(name: str, value: Any, minimum: int) -> None:

@@ -108,9 +108,4 @@ def check_verl_internals(light_only: bool = False) -> None:
         _resolve(module_name, attr)
 
 
-def is_verl_internal(module_name: str, attr: str) -> bool:
-    """Whether ``module_name:attr`` is in the table (for tests that pin an internal they patch)."""
-    return (module_name, attr) in REQUIRED_VERL_INTERNALS
-
-
 __all__ = ["REQUIRED_VERL_INTERNALS", "SUPPORTED_VERL_VERSION", "check_verl_internals", "require_verl_version"]

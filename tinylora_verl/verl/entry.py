@@ -95,10 +95,6 @@ def _requested(argv: Sequence[str], group: str) -> tuple[Optional[str], int]:
     return None, -1
 
 
-def requested_recipe(argv: Sequence[str]) -> Optional[str]:
-    return _requested(argv, "recipe")[0]
-
-
 def requested_hardware(argv: Sequence[str]) -> Optional[str]:
     return _requested(argv, "hardware")[0]
 
