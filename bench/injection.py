@@ -17,6 +17,10 @@ from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import torch
 
+from types import SimpleNamespace
+
+from tinylora_verl.core.fingerprint import fingerprint
+
 from .common import Section, log, median
 
 # Qwen2.5-7B: hidden 3584, intermediate 18944, 28 heads x 128, 4 KV heads, 28 layers.
@@ -133,11 +137,17 @@ def _aggregate(per_module: list[tuple[str, str, dict]], scale: float, label: str
         rows.append([label, typ, len(ms), top * scale, gemm * scale, gemm / top, full * scale, full / top,
                      max(d["rel"] for d in ms), max(d["s_rel"] for d in ms)] + f64)
     top = sum(d["top"] for _, _, d in per_module)
+    fp = sum(d.get("fingerprint", 0.0) for _, _, d in per_module)
+    one = [d["top_1thread"] for _, _, d in per_module if "top_1thread" in d]
     gemm = sum(d["top_gemm"] for _, _, d in per_module)
     full = sum(d["full"] for _, _, d in per_module)
     out = {"top_s": top * scale, "top_gemm_s": gemm * scale, "kernel_gain": gemm / top,
+           "fingerprint_s": fp * scale, "fingerprint_share": fp / (top + fp),
+           "threads": torch.get_num_threads(),
            "full_s": full * scale, "speedup": full / top,
            "max_rel": max(d["rel"] for _, _, d in per_module), "modules": len(per_module), "scale": scale}
+    if one:
+        out |= {"top_1thread_s": sum(one) * scale, "thread_gain": sum(one) / top}
     if "top_vs64" in per_module[0][2]:
         worst = max(per_module, key=lambda x: x[2]["rel"])
         out |= {"max_top_vs64": max(d["top_vs64"] for _, _, d in per_module),
@@ -179,6 +189,18 @@ def run(real_modules: Optional[Callable[[], Iterable[tuple[str, str, torch.Tenso
         groups = _by_type(modules()) if batched else (([n], t, [W]) for n, t, W in modules())
         for names, typ, Ws in groups:
             ds = compare_batch(Ws, r, M, reps, ref64)
+            t0 = time.perf_counter()
+            fingerprint({n: SimpleNamespace(weight=W) for n, W in zip(names, Ws)})
+            for d in ds:  # split evenly, as the batch's SVD time is
+                d["fingerprint"] = (time.perf_counter() - t0) / len(ds)
+            if not batched:
+                # As verl's actor ran it before: Ray starts actors with OMP_NUM_THREADS=1 (one thread for the SVDs).
+                from tinylora_verl.core.factors import top_r_svd_batch
+
+                t0 = time.perf_counter()
+                top_r_svd_batch(Ws, r, threads=1)
+                for d in ds:
+                    d["top_1thread"] = (time.perf_counter() - t0) / len(ds)
             per_module += [(name, typ, d) for name, d in zip(names, ds)]
             top, full = sum(d["top"] for d in ds), sum(d["full"] for d in ds)
             gemm = sum(d["top_gemm"] for d in ds)
@@ -204,6 +226,11 @@ def run(real_modules: Optional[Callable[[], Iterable[tuple[str, str, torch.Tenso
         "time is split evenly over the type's modules), full_svd per module (`torch.linalg.svd`, torch's default "
         f"threads); medians of {repeats} run(s), each timing the batch and then its full SVDs. {synth_label}: each "
         f"weight exceeds a batch, so one call per module, {synth_repeats} run(s).",
+        f"{synth_label}: `top_1thread_s` / `thread_gain` in the JSON (and the headline) time the same SVDs on one "
+        "thread, as verl's actor ran them before (Ray gives actors OMP_NUM_THREADS=1); the engine now uses every core "
+        "the actor may run on (and rank 0's GPU when it has one).",
+        "fingerprint: the full sha256 of the weights' float32 values an adapter file carries (every target weight, "
+        "in threads), timed on the same weights; `fingerprint_share` in the JSON is its part of injection time.",
         "speedup = Σ full_svd time / Σ top_r_svd time (goal ≥ "
         f"{speedup_goal:g}×); ΔW rel = max over modules of ‖ΔW_top − ΔW_full‖/‖ΔW_full‖ for a fixed seeded M "
         f"(goal ≤ {rel_goal:g}); σ rel = max relative error of the top-{r} singular values.",

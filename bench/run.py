@@ -152,7 +152,12 @@ def headline(sections: dict[str, Section]) -> list[str]:
                            f"(goal ≥ {inj.summary['speedup_goal']:g}: {'met' if s['meets_speedup_goal'] else 'MISSED'})"
                            f", max ΔW rel {s['max_rel']:.2e} (goal ≤ {inj.summary['rel_goal']:g}: "
                            f"{'met' if s['meets_rel_goal'] else 'MISSED'}); the C++ gram_apply kernel "
-                           f"{s['kernel_gain']:.2f}x over torch GEMMs")
+                           f"{s['kernel_gain']:.2f}x over torch GEMMs; full fingerprint {s['fingerprint_s']:.2f} s "
+                           f"({100 * s['fingerprint_share']:.1f}% of injection)"
+                           + (f"; all {s['modules'] * s['scale']:.0f} targets {s['top_s']:.1f} s on "
+                              f"{s['threads']} threads vs {s['top_1thread_s']:.1f} s on one (OMP_NUM_THREADS=1, "
+                              f"as verl's actor ran it before): {s['thread_gain']:.2f}x" if "top_1thread_s" in s
+                              else ""))
     fid = sections.get("fidelity")
     if fid:
         for c in fid.summary["cases"]:

@@ -80,7 +80,12 @@ def init_process_group(device: str) -> None:
 
         cpu_platform.activate()
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29571")
+    if "MASTER_PORT" not in os.environ:
+        import socket
+
+        with socket.socket() as sock:  # a free port: another process may hold any fixed one
+            sock.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(sock.getsockname()[1])
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")

@@ -230,6 +230,10 @@ def test_injection_structure():
     assert s["modules"] == 2 and s["scale"] == 3.0 and s["max_rel"] < 1e-3
     assert s["top_gemm_s"] > 0 and s["kernel_gain"] == pytest.approx(s["top_gemm_s"] / s["top_s"])
     assert sec.summary["tiny"]["modules"] == 14 and sec.summary["inject_tinylora_s"] == 0.5
+    # The synthetic (Qwen-shaped) source also times the SVDs on one thread, as verl's actors ran them before.
+    assert s["top_1thread_s"] > 0 and s["thread_gain"] == pytest.approx(s["top_1thread_s"] / s["top_s"])
+    assert "top_1thread_s" not in sec.summary["tiny"]
+    assert s["fingerprint_s"] > 0 and 0 < s["fingerprint_share"] < 1
 
 
 def test_synthetic_weight_spectrum_is_seeded_and_decaying():

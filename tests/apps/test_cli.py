@@ -58,6 +58,41 @@ def test_show(capsys, trained):
     assert len(meta["v"]) == 7 and meta["file_bytes"] < 1024 and meta["config"]["budget"] == 7
 
 
+def test_show_reports_a_damaged_file_in_standard_json(capsys, trained):
+    """A NaN in v: shown by name in standard JSON (no bare NaN), listed among the problems, exit status 1."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from tinylora_verl.core.adapter_io import checksum
+
+    tmp, _ = trained
+    path = tmp / "adapter.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        meta, v = f.metadata(), f.get_tensor("v")
+    v[2, 0] = float("nan")
+    meta["checksum"] = checksum(v, meta["tinylora"])
+    save_file({"v": v}, str(path), metadata=meta)
+    assert main(["show", str(path)]) == 1
+    out = capsys.readouterr().out
+    shown = json.loads(out, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
+    assert shown["v"][2] == ["nan"] and shown["problems"] == ["1 of v's 7 values are NaN or infinite"]
+
+
+def test_export_refuses_a_non_empty_folder_and_overwrite_leaves_nothing_stale(capsys, trained):
+    tmp, _ = trained
+    out = tmp / "merged"
+    out.mkdir()
+    (out / "model.safetensors.index.json").write_text("{}")
+    (out / "model-00002-of-00002.safetensors").write_bytes(b"old shard")
+    argv = ["export", "--model", str(tmp / "base"), "--adapter", str(tmp / "adapter.safetensors"), "--out", str(out)]
+    assert main(argv) == 2
+    assert "exists and is not empty; pass --overwrite" in capsys.readouterr().err
+    assert main([*argv, "--overwrite"]) == 0
+    assert sorted(p.name for p in out.iterdir() if p.suffix in (".json", ".safetensors") and "token" not in p.name) \
+        == ["config.json", "generation_config.json", "model.safetensors"]
+    assert not [p for p in tmp.iterdir() if p.name.startswith(".merged")], "no temporary folder is left behind"
+
+
 def test_export_merged_and_lora(capsys, trained, input_ids):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM

@@ -1,6 +1,7 @@
 """Injection, the hooked forward and the merged stream, against a dense float64 ΔW computed independently."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -281,3 +282,22 @@ def test_meta_model_gets_placeholders_then_real_factors(tiny_qwen2):
     assert adapter.fingerprint == "" and all(p.device.type == "cpu" for p in adapter.vectors)
     assert meta.model.layers[0].self_attn.q_proj.tinylora_U.device.type == "meta"
     assert adapter.tie_plan == inject_tinylora(tiny_qwen2, TinyLoRAConfig(budget=7)).tie_plan
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_v_never_leaves_the_trainer(value):
+    """Fidelity reports it (never 1.0), and the merged and LoRA streams refuse to be built from it."""
+    adapter = inject_tinylora(tiny_causal_lm(), TinyLoRAConfig(budget=7))
+    with torch.no_grad():
+        adapter.vectors[2].fill_(value)
+    overall, rows = adapter.merge_fidelity(torch.bfloat16)
+    assert math.isnan(overall) and any(math.isnan(r.fidelity) for r in rows)
+    from tinylora_verl.core.adapter import MergeStats
+
+    assert math.isnan(MergeStats(delta_sq=value, delivered_sq=1.0).fidelity)
+    assert MergeStats().fidelity == 1.0  # a zero ΔW is delivered exactly
+    for stream in (lambda: adapter.merged_named_tensors(dtype=torch.bfloat16),
+                   lambda: adapter.lora_named_tensors(torch.bfloat16)):
+        with pytest.raises(RuntimeError, match=r"v holds non-finite values .* refusing to build the (merged|LoRA) "
+                                               r"stream"):
+            next(iter(stream()))

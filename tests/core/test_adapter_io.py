@@ -132,3 +132,87 @@ def test_lora_export_matches_peft(tmp_path, input_ids, arch):
     for name in adapter.module_names:
         B, A = adapter.lora_factors(name)
         torch.testing.assert_close(B @ A, adapter.delta_weight(name), rtol=1e-6, atol=1e-7)
+
+
+def edited(path, **changes):
+    """Rewrite the adapter file at ``path`` with config ``changes`` in its metadata, keeping the stored checksum."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta, v = f.metadata(), f.get_tensor("v")
+    info = json.loads(meta["tinylora"])
+    info["config"].update(changes)
+    meta["tinylora"] = json.dumps(info, sort_keys=True, separators=(",", ":"))
+    save_file({"v": v}, str(path), metadata=meta)
+
+
+@pytest.mark.parametrize("changes", [{"r": 1}, {"seed": 5}, {"tie_size": 3}])
+def test_edited_metadata_fails_its_checksum(tmp_path, changes):
+    adapter = inject_tinylora(tiny_causal_lm(), TinyLoRAConfig(budget=7))
+    path = tmp_path / "a.safetensors"
+    adapter.save_adapter(str(path))
+    edited(path, **changes)
+    with pytest.raises(ValueError, match=r"fails its checksum: its metadata or v was edited or damaged after it was "
+                                         r"written"):
+        load_adapter(str(path), tiny_causal_lm())
+
+
+def test_files_without_a_checksum_load_with_a_warning(tmp_path):
+    adapter = inject_tinylora(tiny_causal_lm(), TinyLoRAConfig(budget=7))
+    path = tmp_path / "a.safetensors"
+    adapter.save_adapter(str(path))
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta, v = f.metadata(), f.get_tensor("v")
+    del meta["checksum"]
+    save_file({"v": v}, str(path), metadata=meta)
+    with pytest.warns(RuntimeWarning, match=r"has no checksum \(written before checksums\)"):
+        load_adapter(str(path), tiny_causal_lm())
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_v_is_refused_on_save_and_on_load(tmp_path, value):
+    from tinylora_verl.core.adapter_io import checksum
+
+    adapter = inject_tinylora(tiny_causal_lm(), TinyLoRAConfig(budget=7))
+    with torch.no_grad():
+        adapter.vectors[3].fill_(value)
+    with pytest.raises(ValueError, match=r"refusing to save a TinyLoRA adapter .* 1 of v's 7 values are NaN or "
+                                         r"infinite"):
+        adapter.save_adapter(str(tmp_path / "a.safetensors"))
+    # A file with a non-finite v and a consistent checksum (written by anything else) is refused when read.
+    good = inject_tinylora(tiny_causal_lm(), TinyLoRAConfig(budget=7))
+    meta = adapter_metadata(good)
+    v = torch.zeros(7, 1)
+    v[3, 0] = value
+    meta["checksum"] = checksum(v, meta["tinylora"])
+    save_file({"v": v}, str(tmp_path / "b.safetensors"), metadata=meta)
+    with pytest.raises(ValueError, match=r"holds a non-finite v \(1 of 7 values are NaN or infinite\): refused"):
+        load_adapter(str(tmp_path / "b.safetensors"), tiny_causal_lm())
+
+
+def test_adapter_files_are_readable_like_other_checkpoint_files(tmp_path):
+    adapter = inject_tinylora(tiny_causal_lm(), TinyLoRAConfig(budget=7))
+    adapter.save_adapter(str(tmp_path / "a.safetensors"))
+    assert (tmp_path / "a.safetensors").stat().st_mode & 0o777 == 0o644
+
+
+def test_any_changed_target_weight_is_detected(tmp_path):
+    """One element between the earlier strided sample's points: the full fingerprint changes, the sample does not;
+    an adapter refuses a base with any changed target weight."""
+    from tinylora_verl.core.fingerprint import SAMPLED, fingerprint
+
+    big = {"proj": torch.nn.Linear(96, 128, bias=False)}  # 12288 elements: the sample reads every third
+    full, sampled = fingerprint(big), fingerprint(big, SAMPLED)
+    with torch.no_grad():
+        big["proj"].weight.view(-1)[1] += 1e-3
+    assert fingerprint(big, SAMPLED) == sampled and fingerprint(big) != full
+
+    adapter = inject_tinylora(tiny_causal_lm(), TinyLoRAConfig(budget=7))
+    adapter.save_adapter(str(tmp_path / "a.safetensors"))
+    other = tiny_causal_lm()
+    with torch.no_grad():
+        other.model.layers[1].mlp.down_proj.weight[3, 5] += 1e-4
+    with pytest.raises(ValueError, match=r"this model's are [0-9a-f]{16} \(sha256-float32\)"):
+        load_adapter(str(tmp_path / "a.safetensors"), other)

@@ -113,7 +113,7 @@ def test_seeded_subset_is_deterministic(gsm8k_dir, tmp_path):
 @pytest.mark.parametrize(
     "kwargs,n,expected",
     [({}, 5, [0, 1, 2, 3, 4]), ({"limit": 2}, 5, [0, 1]), ({"offset": 3}, 5, [3, 4]),
-     ({"offset": 3, "limit": 10}, 5, [3, 4]), ({"offset": 5}, 5, []), ({"limit": 5, "seed": 0}, 5, None)],
+     ({"offset": 3, "limit": 10}, 5, [3, 4]), ({"limit": 5, "seed": 0}, 5, None)],
 )
 def test_subset_select(kwargs, n, expected):
     rows = [{"i": i} for i in range(n)]
@@ -123,6 +123,13 @@ def test_subset_select(kwargs, n, expected):
         assert got == [i for i, _ in Subset(**kwargs).select(rows)]
     else:
         assert got == expected
+
+
+def test_subset_offset_at_the_end_is_refused_before_any_work():
+    """An offset that leaves no rows (eval --offset N on N problems) fails at once, not after a merge and start-up."""
+    with pytest.raises(ValueError, match=r"offset=5 is past the end of the 5 available rows \(allowed: 0 <= offset "
+                                         r"< 5\)"):
+        data.Subset(offset=5).select([{}] * 5)
 
 
 def test_subset_does_not_touch_global_rng():

@@ -22,12 +22,21 @@ def save_tiny_model(path: Path, seed: int = 0) -> Path:
     return path
 
 
-def init_single_process(port: int = 29531) -> None:
+def free_port() -> int:
+    """A TCP port nothing listens on now (another test process may hold any fixed one)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_single_process(port: int | None = None) -> None:
     import torch.distributed as dist
 
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ["MASTER_PORT"] = str(port)
+        os.environ["MASTER_PORT"] = str(port or free_port())
         dist.init_process_group("gloo", rank=0, world_size=1)
 
 

@@ -1,7 +1,8 @@
 """End to end on CPU: verl's unchanged main_ppo, vLLM CPU rollout, SmolLM2, 13 TinyLoRA parameters.
 
-Runs the `tinylora_gsm8k_cpu` recipe for 2 GRPO steps, then resumes it from its checkpoint for step 3, and
-checks what the run left behind: metrics, the adapter file, the dumped rollouts and their rewards.
+Runs the `tinylora_gsm8k_cpu` recipe toward 3 GRPO steps and kills it (SIGKILL, the whole process session, as a
+crash or a pre-empted node would) once the step-2 checkpoint is complete, then resumes it from that checkpoint for
+step 3, and checks what the run left behind: metrics, the adapter file, the dumped rollouts and their rewards.
 """
 
 import json
@@ -20,12 +21,18 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 OVERRIDES = ["actor_rollout_ref.rollout.seed=0", "data.seed=0"]
 
 
+def checkpointed(out) -> int:
+    tracker = out / "latest_checkpointed_iteration.txt"
+    return int(tracker.read_text()) if tracker.is_file() else 0
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> tuple[RunResult, RunResult]:
     out = tmp_path_factory.mktemp("e2e") / "run"
-    first = run_cpu_recipe(out, steps=2, overrides=OVERRIDES, timeout=900, echo=True)
-    assert first.returncode == 0, first.log.read_text()[-5000:]
-    second = run_cpu_recipe(out, steps=3, overrides=OVERRIDES, timeout=600, echo=True)
+    first = run_cpu_recipe(out, steps=3, overrides=OVERRIDES, timeout=1800, echo=True,
+                           kill_when=lambda: checkpointed(out) >= 2)
+    assert first.returncode == -9 and checkpointed(out) == 2, first.log.read_text()[-5000:]
+    second = run_cpu_recipe(out, steps=3, overrides=OVERRIDES, timeout=1200, echo=True)
     assert second.returncode == 0, second.log.read_text()[-5000:]
     return first, second
 

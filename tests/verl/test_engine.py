@@ -131,6 +131,56 @@ def test_non_finite_step_is_skipped(engine, caplog):
     assert "skipping this optimizer step" in caplog.text
 
 
+def test_too_many_non_finite_steps_in_a_row_stop_the_run(model_dir):
+    """A finite step resets the count; max_nonfinite_steps in a row stop with v still the last finite one."""
+    engine = harness.build_engine(model_dir, {"enable": True, "budget": 7, "init": "normal", "init_std": 0.05,
+                                              "max_nonfinite_steps": 2})
+    good = [p.detach().clone() for p in engine.tl_adapter.parameters()]
+
+    def step(value):
+        for p in engine.tl_adapter.parameters():
+            p.grad = torch.full_like(p, value)
+        return engine.optimizer_step()
+
+    step(float("nan"))
+    step(0.1)  # finite: the count starts again
+    good = [p.detach().clone() for p in engine.tl_adapter.parameters()]
+    step(float("inf"))
+    with pytest.raises(RuntimeError, match=r"2 optimizer steps in a row had a non-finite gradient or update \(limit "
+                                           r"tinylora.max_nonfinite_steps=2\); stopping"):
+        step(float("nan"))
+    assert all(torch.equal(a, b) for a, b in zip(good, engine.tl_adapter.parameters()))
+
+
+def test_a_finite_gradient_whose_update_is_not_finite_is_undone(model_dir):
+    engine = harness.build_engine(model_dir, {"enable": True, "budget": 7, "init": "normal", "init_std": 0.05})
+    before = [p.detach().clone() for p in engine.tl_adapter.parameters()]
+    for group in engine.optimizer.param_groups:
+        group["lr"] = float("inf")
+    for p in engine.tl_adapter.parameters():
+        p.grad = torch.full_like(p, 0.1)
+    engine.optimizer_step()
+    assert engine.tl_nonfinite_steps == 1
+    assert all(torch.equal(a, b) for a, b in zip(before, engine.tl_adapter.parameters()))
+
+
+def test_resume_refuses_a_non_finite_checkpoint(tmp_path, model_dir, engine):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from tinylora_verl.core.adapter_io import checksum
+
+    engine.save_checkpoint(str(tmp_path / "actor"), global_step=1)
+    path = tmp_path / "actor" / "tinylora_adapter.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        meta, v = f.metadata(), f.get_tensor("v")
+    v[1, 0] = float("nan")
+    meta["checksum"] = checksum(v, meta["tinylora"])
+    save_file({"v": v}, str(path), metadata=meta)
+    with pytest.raises(ValueError, match=r"holds a non-finite v \(1 of 7 values are NaN or infinite\): refused"):
+        engine.load_checkpoint(str(tmp_path / "actor"))
+
+
 def test_checkpoint_round_trip(tmp_path, model_dir, engine):
     for _ in range(2):
         engine.optimizer_zero_grad()

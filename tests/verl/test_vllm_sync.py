@@ -32,7 +32,7 @@ def synced(tmp_path_factory, smollm2_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     harness.activate_cpu()
-    harness.init_single_process(port=29541)
+    harness.init_single_process()
     tmp = tmp_path_factory.mktemp("sync")
     ids = AutoTokenizer.from_pretrained(str(smollm2_path))(TEXT, return_tensors="pt").input_ids  # (1, T)
     engine = harness.build_engine(smollm2_path, {"enable": True, "budget": 13, "sync_dtype": "bfloat16"})

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from typing import Optional, Sequence
 
@@ -50,7 +51,8 @@ def _cmd_prepare_smollm2(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from .export import export
 
-    done = export(args.model, args.adapter, merged_out=args.out, lora_out=args.lora_out, dtype=args.dtype)
+    done = export(args.model, args.adapter, merged_out=args.out, lora_out=args.lora_out, dtype=args.dtype,
+                  overwrite=args.overwrite)
     print(f"merged model -> {done.merged} ({args.dtype}; merge fidelity {done.fidelity:.4f})")
     if done.lora is not None:
         print(f"exact rank-{done.r} LoRA -> {done.lora}")
@@ -68,11 +70,15 @@ def _cmd_show(args: argparse.Namespace) -> int:
 
     from ..core.adapter_io import read_adapter
 
-    v, meta = read_adapter(args.adapter)
-    meta["v"] = v.tolist()
+    from ..core.adapter_io import adapter_problems
+
+    v, meta = read_adapter(args.adapter, verify=False)
+    # Standard JSON has no NaN or Infinity: a non-finite value is shown as its name.
+    meta["v"] = [[x if math.isfinite(x) else str(x) for x in row] for row in v.float().tolist()]
     meta["file_bytes"] = os.path.getsize(args.adapter)
-    print(json.dumps(meta, indent=2, sort_keys=True))
-    return 0
+    meta["problems"] = adapter_problems(args.adapter)
+    print(json.dumps(meta, indent=2, sort_keys=True, allow_nan=False))
+    return 1 if any(not p.startswith("no checksum") for p in meta["problems"]) else 0
 
 
 def _benchmark_source(name: str, data: dict[str, str], data_dir: Optional[str]) -> Optional[str]:
@@ -148,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--out", required=True, help="Output folder for the merged HF model.")
     exp.add_argument("--lora-out", default=None, help="Also write the exact rank-r peft LoRA folder here.")
     exp.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"], help="Merged dtype.")
+    exp.add_argument("--overwrite", action="store_true", help="Replace non-empty output folders (else refused).")
     exp.set_defaults(func=_cmd_export)
 
     data = sub.add_parser("data", help="Write verl parquet files: `data gsm8k --out-dir DIR` or `data math ...`.",
@@ -194,7 +201,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:
         print(f"tinylora-verl {args.command}: error: {e}", file=sys.stderr)
         return 2
 

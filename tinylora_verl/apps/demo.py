@@ -13,12 +13,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 from .metrics import read_metrics, v_values
 from .models import default_cache_dir, prepare_smollm2
@@ -79,10 +80,12 @@ def run_cpu_recipe(
     timeout: Optional[float] = None,
     echo: bool = True,
     env: Optional[dict[str, str]] = None,
+    kill_when: Optional[Callable[[], bool]] = None,
 ) -> RunResult:
     """Run verl's ``main_ppo`` with ``recipe`` for ``steps`` steps into ``out``; resumes from ``out``'s latest
     checkpoint if there is one (verl's ``resume_mode=auto``). ``overrides`` follow the recipe on the command line
-    (a ``+hardware=`` overlay among them); ``env`` is merged over this process's environment."""
+    (a ``+hardware=`` overlay among them); ``env`` is merged over this process's environment. ``kill_when`` is
+    polled every 2 s; when it returns True the run and everything it started get SIGKILL, as a crash would."""
     cache = default_cache_dir()
     prepare_smollm2()
     prepare_data(cache)
@@ -103,12 +106,16 @@ def run_cpu_recipe(
         print(f"[demo] {' '.join(cmd[1:])}\n[demo] verl's output: {log}", flush=True)
     start = time.time()
     with open(log, "ab") as fh:
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=str(out))
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=str(out),
+                                start_new_session=True)
         printed = 0
         while proc.poll() is None:
             if timeout is not None and time.time() - start > timeout:
-                proc.kill()
+                _kill_session(proc)
                 raise TimeoutError(f"main_ppo did not finish within {timeout:.0f}s; see {log}")
+            if kill_when is not None and kill_when():
+                _kill_session(proc)
+                break
             printed = _echo_new(env["VERL_FILE_LOGGER_PATH"], printed, steps, echo)
             time.sleep(2)
         _echo_new(env["VERL_FILE_LOGGER_PATH"], printed, steps, echo)
@@ -120,6 +127,15 @@ def run_cpu_recipe(
         new.unlink()
     rows = read_metrics(metrics_path)[seen:]
     return RunResult(proc.returncode, out, log, rows, log_offset)
+
+
+def _kill_session(proc: subprocess.Popen) -> None:
+    """SIGKILL the run's whole session (its Ray processes too), then reap it."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
 
 
 def _echo_new(path: str, printed: int, total: int, echo: bool) -> int:

@@ -8,15 +8,22 @@ to ``dtype``, in safetensors shards of at most ``shard_bytes`` (so peak memory i
 with the base's config, tokenizer and generation config; vLLM and transformers load it as any checkpoint. The LoRA
 folder is a peft adapter with ``B = U Σ M``, ``A = Vᵀ`` and ``lora_alpha = r`` (``B A = ΔW`` exactly). The command
 line (``tinylora-verl export``), the evaluation's merged and LoRA modes and the tests all use this function.
+
+Each folder is written whole into a temporary sibling and renamed into place, so a folder never holds a mix of an
+old export and a new one (a stale shard index beside new weights makes vLLM's loader refuse it). A non-empty
+target folder is refused unless ``overwrite``; then it is replaced only once the new folder is complete.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import math
+import os
 import shutil
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,27 +36,62 @@ class Exported:
     r: int
 
 
+@contextlib.contextmanager
+def atomic_folder(target: Path, overwrite: bool) -> Iterator[Path]:
+    """A temporary sibling of ``target`` to write into, renamed to ``target`` when the block ends without error
+    (a non-empty ``target`` is refused unless ``overwrite``; it is replaced only then)."""
+    target = Path(target)
+    if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
+        raise FileExistsError(f"{target} exists and is not empty; pass --overwrite (overwrite=True) to replace it, or "
+                              "choose another folder")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = target.with_name(f".{target.name}.old-{os.getpid()}")
+    if target.exists():
+        os.replace(target, old)
+    os.replace(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def export(model_dir: str, adapter_path: str, merged_out: Optional[str] = None, lora_out: Optional[str] = None,
-           dtype: str = "bfloat16", shard_bytes: int = 2 << 30, progress: bool = True) -> Exported:
+           dtype: str = "bfloat16", shard_bytes: int = 2 << 30, progress: bool = True,
+           overwrite: bool = False) -> Exported:
     """Load ``model_dir`` in float32 with the adapter at ``adapter_path`` and write what is asked (neither: just
-    the merge fidelity)."""
+    the merge fidelity). Refuses non-empty output folders unless ``overwrite`` (checked before any loading)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from ..core.adapter import load_adapter
 
+    for out in (merged_out, lora_out):
+        if out is not None and Path(out).exists() and (not Path(out).is_dir() or any(Path(out).iterdir())) \
+                and not overwrite:
+            raise FileExistsError(f"{out} exists and is not empty; pass --overwrite (overwrite=True) to replace it, "
+                                  "or choose another folder")
     torch_dtype = getattr(torch, dtype)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     adapter = load_adapter(adapter_path, model)
     try:
         fidelity, _ = adapter.merge_fidelity(torch_dtype)
+        if not math.isfinite(fidelity):
+            raise ValueError(f"the merge of {adapter_path} is not finite (fidelity {fidelity}); nothing written")
         lora = None
         if lora_out is not None:
-            adapter.export_lora(str(lora_out))
+            with atomic_folder(Path(lora_out), overwrite) as tmp:
+                adapter.export_lora(str(tmp))
             lora = Path(lora_out)
         merged = None
         if merged_out is not None:
-            merged = _write_merged(model, adapter, model_dir, Path(merged_out), torch_dtype, shard_bytes, progress)
+            with atomic_folder(Path(merged_out), overwrite) as tmp:
+                _write_merged(model, adapter, model_dir, tmp, torch_dtype, shard_bytes, progress)
+            merged = Path(merged_out)
         return Exported(merged, lora, fidelity, adapter.config.r)
     finally:
         adapter.remove()

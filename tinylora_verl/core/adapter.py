@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import logging
+import math
 import time
 from typing import Iterable, Iterator, Optional
 
@@ -24,15 +24,13 @@ from torch import nn
 from .adapter_io import export_lora, load_adapter_state, read_adapter, save_adapter, saved_config
 from .config import SIGN_CONVENTION, TinyLoRAConfig
 from .factors import dense_delta, mix, projections, top_r_svd_batch
+from .fingerprint import FULL, fingerprint
 from .forward import AdapterForwards, Routing
 from .tying import TiePlan, build_tie_plan, canonical_order, plan_budget
 
 logger = logging.getLogger(__name__)
 
 _BUFFERS = ("tinylora_U", "tinylora_S", "tinylora_V", "tinylora_P")
-_FINGERPRINT_SAMPLES = 4096
-
-
 def find_target_modules(model: nn.Module, target_modules: tuple[str, ...]) -> dict[str, nn.Linear]:
     """Linear modules whose name ends with one of ``target_modules``; an error lists the model's linears if none."""
     found = {}
@@ -48,23 +46,6 @@ def find_target_modules(model: nn.Module, target_modules: tuple[str, ...]) -> di
     return found
 
 
-def weight_fingerprint(modules: dict[str, nn.Linear]) -> str:
-    """A device-independent fingerprint of the target weights: names, shapes and a strided float32 sample.
-
-    Hashing a sample rather than every byte keeps this cheap on a 7B model; a different checkpoint (or a
-    different architecture) changes the sampled values or the shapes.
-    """
-    h = hashlib.sha256()
-    for name in sorted(modules):
-        w = modules[name].weight.detach()
-        flat = w.reshape(-1)
-        step = max(1, flat.numel() // _FINGERPRINT_SAMPLES)
-        sample = flat[::step][:_FINGERPRINT_SAMPLES].to(device="cpu", dtype=torch.float32).contiguous()
-        h.update(f"{name}:{tuple(w.shape)};".encode())
-        h.update(sample.numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
 @dataclasses.dataclass
 class MergeStats:
     """What one pass of :meth:`TinyLoRAAdapter.merged_named_tensors` sent: counts, bytes, time, fidelity."""
@@ -78,8 +59,15 @@ class MergeStats:
 
     @property
     def fidelity(self) -> float:
-        """``‖cast(W+ΔW) − cast(W)‖ / ‖ΔW‖`` over all merged weights (1.0 when ΔW = 0)."""
-        return (self.delivered_sq / self.delta_sq) ** 0.5 if self.delta_sq > 0 else 1.0
+        """``‖cast(W+ΔW) − cast(W)‖ / ‖ΔW‖`` over all merged weights (1.0 when ΔW = 0, NaN when ΔW is not finite)."""
+        return _ratio(self.delivered_sq, self.delta_sq)
+
+
+def _ratio(delivered_sq: float, delta_sq: float) -> float:
+    """``sqrt(delivered_sq / delta_sq)``: 1.0 for an exactly zero ΔW (delivered exactly), NaN for a non-finite one."""
+    if not (math.isfinite(delivered_sq) and math.isfinite(delta_sq)):
+        return float("nan")
+    return (delivered_sq / delta_sq) ** 0.5 if delta_sq > 0 else 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,7 +110,7 @@ class TinyLoRAAdapter(nn.Module):
         self.vectors = nn.ParameterList(vectors)
         self.enabled = True
         # Only a rank holding real weights can fingerprint them; verl saves adapters from rank 0, which does.
-        self.fingerprint = "" if on_meta else weight_fingerprint(self._modules_by_name)
+        self.fingerprint = "" if on_meta else fingerprint(self._modules_by_name)
         self.forwards = AdapterForwards(self.routing())
 
     def routing(self) -> Routing:
@@ -160,6 +148,11 @@ class TinyLoRAAdapter(nn.Module):
     def vector_of(self, name: str) -> nn.Parameter:
         return self.vectors[self._group_index[self._check_name(name)]]
 
+    def fingerprint_of(self, kind: str) -> str:
+        """The base's fingerprint of ``kind`` (:mod:`tinylora_verl.core.fingerprint`); the full one is computed at
+        injection, another on demand (to check a file written with it)."""
+        return self.fingerprint if kind == FULL else fingerprint(self._modules_by_name, kind)
+
     def _check_name(self, name: str) -> str:
         if name not in self._modules_by_name:
             raise KeyError(f"{name!r} is not a TinyLoRA module; adapted modules include {self.module_names[:3]}...")
@@ -180,6 +173,13 @@ class TinyLoRAAdapter(nn.Module):
         U, S, V, P = self.factors(name)
         M = mix(self.vector_of(name).detach(), P)  # (r, r)
         return (U * S) @ M, V.T.contiguous()
+
+    def check_finite(self, what: str) -> None:
+        """Raise ``RuntimeError`` when any v is NaN or infinite: nothing derived from it may leave the trainer."""
+        v = torch.cat([p.detach().float().reshape(-1) for p in self.vectors])
+        if not torch.isfinite(v).all():
+            raise RuntimeError(f"TinyLoRA's v holds non-finite values {v.tolist()}: refusing to build the {what} from "
+                               "it (a rollout or export would be poisoned)")
 
     # ------------------------------------------------------------------ merging
     def weight_names(self) -> dict[str, str]:
@@ -208,6 +208,7 @@ class TinyLoRAAdapter(nn.Module):
         stream that ends without carrying every target weight raises: a rename upstream must not silently
         send unmerged weights. ``stats`` (optional) accumulates bytes, seconds and merge fidelity.
         """
+        self.check_finite("merged stream")
         index = self.weight_names()
         stream = self.model.state_dict().items() if named_tensors is None else named_tensors
         stats = stats if stats is not None else MergeStats()
@@ -254,6 +255,7 @@ class TinyLoRAAdapter(nn.Module):
         ``stats`` accumulates bytes and seconds, and as fidelity ``‖cast(B) cast(A)‖ / ‖B A‖`` (how much of ΔW a
         consumer holding the factors in ``dtype`` serves), from r×r Gram matrices rather than out×in products.
         """
+        self.check_finite("LoRA stream")
         stats = stats if stats is not None else MergeStats()
         start = time.perf_counter()
         for name in self.module_names:
@@ -281,11 +283,11 @@ class TinyLoRAAdapter(nn.Module):
             _, delta, delivered = self._merge(name, m.weight, dtype)
             dn, gn = delta.norm().item(), delivered.norm().item()
             err = (delivered - delta).norm().item()
-            rows.append(ModuleFidelity(name, gn / dn if dn > 0 else 1.0, err / dn if dn > 0 else 0.0, dn, gn))
+            rel = float("nan") if not math.isfinite(dn) else (err / dn if dn > 0 else 0.0)
+            rows.append(ModuleFidelity(name, _ratio(gn**2, dn**2), rel, dn, gn))
             tot_delta += dn**2
             tot_delivered += gn**2
-        overall = (tot_delivered / tot_delta) ** 0.5 if tot_delta > 0 else 1.0
-        return overall, rows
+        return _ratio(tot_delivered, tot_delta), rows
 
     # ------------------------------------------------------------------ persistence and teardown
     def save_adapter(self, path: str) -> None:
@@ -381,5 +383,4 @@ __all__ = [
     "inject_tinylora",
     "load_adapter",
     "resolve_plan",
-    "weight_fingerprint",
 ]

@@ -7,8 +7,10 @@ the model and checked against it) and a fingerprint of the base's target weights
 ``hook_dtype``) are not stored: they belong to the machine that loads it. Files written before that stored the whole
 config; reading keeps only these fields. For Qwen2.5-7B at 13 parameters a file is well under 1 KB.
 
-This module reads and writes files and checks a file against an adapter; building the adapter a file describes is
-:func:`tinylora_verl.core.adapter.load_adapter`'s job.
+Every file carries a sha256 checksum over v and this metadata: a file whose metadata or v was edited or damaged is
+refused with a message that says so (files written before checksums load with a warning). A v with a NaN or an
+infinity is refused on save and on read. This module reads and writes files and checks a file against an adapter;
+building the adapter a file describes is :func:`tinylora_verl.core.adapter.load_adapter`'s job.
 
 Because ``ΔW = (U Σ M)(Vᵀ)`` is exactly rank ``r``, it is also a LoRA with ``B = U Σ M``, ``A = Vᵀ`` and
 ``lora_alpha = r`` (scaling 1); :func:`export_lora` writes that as a peft adapter folder.
@@ -19,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from typing import Any, Protocol
 
 import torch
@@ -26,6 +29,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import SIGN_CONVENTION, TinyLoRAConfig
+from .fingerprint import FULL, SAMPLED
 
 FORMAT = "tinylora-v1"
 # Config fields that change what a saved v means; the budget is stored for display only.
@@ -41,6 +45,8 @@ class SavedAdapter(Protocol):
     vectors: Any
 
     def lora_named_tensors(self, dtype: torch.dtype) -> Any: ...
+
+    def fingerprint_of(self, kind: str) -> str: ...
 
     def lora_config(self) -> dict: ...
 
@@ -64,20 +70,62 @@ def adapter_metadata(adapter: SavedAdapter) -> dict[str, str]:
         "num_groups": len(plan.groups),
         "plan_hash": plan_hash(plan.groups),
         "base_fingerprint": adapter.fingerprint,
+        "fingerprint_kind": FULL,
         "sign_convention": SIGN_CONVENTION,
     }
     return {"format": FORMAT, "tinylora": json.dumps(meta, sort_keys=True, separators=(",", ":"))}
 
 
+def checksum(v: torch.Tensor, tinylora_meta: str) -> str:
+    """sha256 of v (its dtype, shape and bytes) and the file's ``tinylora`` metadata string."""
+    h = hashlib.sha256(f"{v.dtype}:{tuple(v.shape)};".encode())
+    h.update(v.contiguous().view(torch.uint8).numpy().tobytes())
+    h.update(tinylora_meta.encode())
+    return h.hexdigest()
+
+
+def nonfinite(v: torch.Tensor) -> int:
+    """How many values of ``v`` are NaN or infinite."""
+    return int((~torch.isfinite(v.float())).sum())
+
+
 def save_adapter(adapter: SavedAdapter, path: str) -> None:
-    """Write ``v`` (groups, u) and the config to ``path`` (a ``.safetensors`` file); creates parent folders."""
-    v = torch.stack([p.detach().to("cpu") for p in adapter.vectors])  # (groups, u)
+    """Write ``v`` (groups, u) and the config to ``path`` (a ``.safetensors`` file, readable like other checkpoint
+    files: 0644); creates parent folders. A non-finite v is refused: a checkpoint must never hold one."""
+    v = torch.stack([p.detach().to("cpu") for p in adapter.vectors]).contiguous()  # (groups, u)
+    bad = nonfinite(v)
+    if bad:
+        raise ValueError(f"refusing to save a TinyLoRA adapter to {path}: {bad} of v's {v.numel()} values are NaN "
+                         f"or infinite ({v.reshape(-1).tolist()})")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    save_file({"v": v.contiguous()}, path, metadata=adapter_metadata(adapter))
+    metadata = adapter_metadata(adapter)
+    metadata["checksum"] = checksum(v, metadata["tinylora"])
+    save_file({"v": v}, path, metadata=metadata)
+    os.chmod(path, 0o644)  # safetensors creates files 0600
 
 
-def read_adapter(path: str) -> tuple[torch.Tensor, dict]:
-    """Read ``(v (groups, u), metadata dict)`` from an adapter file, validating its format."""
+def adapter_problems(path: str) -> list[str]:
+    """What is wrong with an adapter file (empty when nothing is): unreadable, no checksum, a checksum that does
+    not match, a non-finite v."""
+    try:
+        v, meta = read_adapter(path, verify=False)
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        return [str(e)]
+    problems = []
+    if meta.get("checksum") is None:
+        problems.append("no checksum (written before checksums; cannot verify)")
+    elif meta["checksum"] != meta["computed_checksum"]:
+        problems.append(f"checksum mismatch: its metadata or v was edited or damaged after it was written "
+                        f"(stored {meta['checksum'][:16]}…, computed {meta['computed_checksum'][:16]}…)")
+    if nonfinite(v):
+        problems.append(f"{nonfinite(v)} of v's {v.numel()} values are NaN or infinite")
+    return problems
+
+
+def read_adapter(path: str, verify: bool = True) -> tuple[torch.Tensor, dict]:
+    """Read ``(v (groups, u), metadata dict)`` from an adapter file, validating its format and, with ``verify``, its
+    checksum (a file without one loads with a warning) and that v is finite. ``verify=False`` reads whatever is
+    there (``tinylora-verl show``), with the stored and recomputed checksums in the metadata."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"TinyLoRA adapter file not found: {path}")
     try:
@@ -89,7 +137,20 @@ def read_adapter(path: str) -> tuple[torch.Tensor, dict]:
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path} has format {meta.get('format')!r}; this version reads {FORMAT!r}")
     info = json.loads(meta["tinylora"])
-    info["config"] = {k: v for k, v in info["config"].items() if k in (*MEANING_FIELDS, "budget")}
+    info["config"] = {k: x for k, x in info["config"].items() if k in (*MEANING_FIELDS, "budget")}
+    info["checksum"], info["computed_checksum"] = meta.get("checksum"), checksum(v, meta["tinylora"])
+    if not verify:
+        return v, info
+    if info["checksum"] is None:
+        warnings.warn(f"adapter {path} has no checksum (written before checksums): its metadata and v cannot be "
+                      "verified", RuntimeWarning, stacklevel=2)
+    elif info["checksum"] != info["computed_checksum"]:
+        raise ValueError(f"adapter {path} fails its checksum: its metadata or v was edited or damaged after it was "
+                         f"written (stored {info['checksum'][:16]}…, computed {info['computed_checksum'][:16]}…)")
+    bad = nonfinite(v)
+    if bad:
+        raise ValueError(f"adapter {path} holds a non-finite v ({bad} of {v.numel()} values are NaN or infinite): "
+                         "refused; resume from an earlier checkpoint")
     return v, info
 
 
@@ -121,10 +182,13 @@ def load_adapter_state(adapter: SavedAdapter, path: str, check_fingerprint: bool
             f"adapter {path} was trained on {meta['num_modules']} modules (plan {meta['plan_hash']}); this model "
             f"gives {len(names)} (plan {plan_hash(adapter.tie_plan.groups)}): a different architecture or target_modules"
         )
-    if check_fingerprint and adapter.fingerprint != meta["base_fingerprint"]:
+    kind = meta.get("fingerprint_kind", SAMPLED)
+    ours_fp = adapter.fingerprint_of(kind) if check_fingerprint else None
+    if check_fingerprint and ours_fp != meta["base_fingerprint"]:
         raise ValueError(
             f"adapter {path} was trained on a base whose target weights have fingerprint "
-            f"{meta['base_fingerprint']}; this model's are {adapter.fingerprint}: load it onto the same base model"
+            f"{meta['base_fingerprint'][:16]}; this model's are {ours_fp[:16]} ({kind}): load it onto the same base "
+            "model (any changed target weight changes the fingerprint)"
         )
     expected = (len(adapter.vectors), adapter.tie_plan.u)
     if tuple(v.shape) != expected:

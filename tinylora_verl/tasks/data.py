@@ -100,8 +100,9 @@ class Subset:
         order = list(range(len(rows)))
         if self.seed is not None:
             random.Random(self.seed).shuffle(order)
-        if self.offset > len(order):
-            raise ValueError(f"offset={self.offset} is past the end of the {len(order)} available rows")
+        if self.offset >= len(order):
+            raise ValueError(f"offset={self.offset} is past the end of the {len(order)} available rows (allowed: "
+                             f"0 <= offset < {len(order)})")
         end = None if self.limit is None else self.offset + self.limit
         return [(i, rows[i]) for i in order[self.offset:end]]
 

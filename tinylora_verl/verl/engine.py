@@ -20,14 +20,11 @@ from __future__ import annotations
 
 import logging
 import os
-import random
-import re
 import resource
 import shutil
 import time
 from typing import Optional
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -36,15 +33,11 @@ from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead
 from ..core.adapter import MergeStats, TinyLoRAAdapter, inject_tinylora
 from ..core.adapter_io import load_adapter_state, save_adapter
 from .attention import attention_implementation, check_attention
-from .options import parse_tinylora_block, tinylora_block_of
+from .checkpoints import ADAPTER_FILE, STATE_FILE, checkpoints_beyond, rng_state, set_rng_state
+from .options import check_lora_settings, parse_tinylora_block, tinylora_block_of
 
 logger = logging.getLogger(__name__)
 
-ADAPTER_FILE = "tinylora_adapter.safetensors"
-STATE_FILE = "tinylora_state_rank_{rank}.pt"
-# Set as model.lora_adapter_path, it makes verl compute the KL reference inside the actor (trainer_base.py:237)
-# through disable_adapter(); PEFT LoRA stays off because lora_rank is 0.
-REF_IN_ACTOR_MARKER = "tinylora://actor-as-reference"
 
 
 def available_cpus() -> int:
@@ -70,36 +63,15 @@ class TinyLoRAFSDPEngine(FSDPEngineWithLMHead):
         self.tl_adapter: Optional[TinyLoRAAdapter] = None
         self.tl_last_sync: Optional[MergeStats] = None
         self.tl_inject_seconds: Optional[float] = None
+        self.tl_nonfinite_steps = 0
         if self.tl_config is not None:
-            self._check_lora_settings(model_config)
-            if model_config.lora_adapter_path not in (None, REF_IN_ACTOR_MARKER):
-                raise ValueError(
-                    f"model.lora_adapter_path={model_config.lora_adapter_path!r} would be ignored with TinyLoRA; "
-                    f"allowed: null, or {REF_IN_ACTOR_MARKER!r} to use the actor without v as the KL reference"
-                )
+            check_lora_settings(self.tl_options, self.tl_config, dict(model_config.lora or {}),
+                                model_config.lora_rank, model_config.lora_adapter_path)
             if engine_config.strategy != "fsdp2":
                 raise ValueError(
                     f"TinyLoRA's engine supports actor.strategy=fsdp2, got {engine_config.strategy!r}: FSDP1 flat "
                     "parameters would need a different weight-sync naming path"
                 )
-
-    def _check_lora_settings(self, model_config) -> None:
-        """verl reads two LoRA ranks: ``model.lora_rank`` makes the engine wrap the model in peft (never with
-        TinyLoRA); ``model.lora.rank`` makes the rollout serve a LoRA (exactly what ``sync_mode: lora`` needs)."""
-        lora = dict(model_config.lora or {})
-        if model_config.lora_rank > 0:
-            raise ValueError(f"TinyLoRA and verl's PEFT LoRA are both enabled (model.lora_rank="
-                             f"{model_config.lora_rank}); set model.lora_rank=0 to train TinyLoRA")
-        if self.tl_options.sync_mode == "merged" and lora.get("rank", 0) > 0:
-            raise ValueError(f"model.lora.rank={lora['rank']} would make vLLM serve a LoRA that sync_mode=merged "
-                             "never sends; set model.lora.rank=0, or tinylora.sync_mode=lora")
-        if self.tl_options.sync_mode == "lora":
-            if lora.get("rank", 0) < self.tl_config.r:
-                raise ValueError(f"tinylora.sync_mode=lora needs actor_rollout_ref.model.lora.rank >= r="
-                                 f"{self.tl_config.r} (vLLM's LoRA slot), got {lora.get('rank', 0)}")
-            if lora.get("merge", False):
-                raise ValueError("tinylora.sync_mode=lora sends an adapter; model.lora.merge=true would ask verl "
-                                 "to merge it: set model.lora.merge=false")
 
     @property
     def tinylora_enabled(self) -> bool:
@@ -164,7 +136,12 @@ class TinyLoRAFSDPEngine(FSDPEngineWithLMHead):
 
     # ------------------------------------------------------------------ train step
     def optimizer_step(self):
-        """Average v's gradient over ranks, clip, skip non-finite steps; return the norm before clipping."""
+        """Average v's gradient over ranks, clip, step; return the norm before clipping.
+
+        A step whose gradient norm is not finite is skipped, and so is one whose update leaves a non-finite v (v is
+        put back). After ``max_nonfinite_steps`` such steps in a row the run stops: its checkpoints all hold the
+        finite v of the last good step.
+        """
         if not self.tinylora_enabled:
             return super().optimizer_step()
         params = [p for p in self.tl_adapter.parameters() if p.grad is not None]
@@ -179,13 +156,34 @@ class TinyLoRAFSDPEngine(FSDPEngineWithLMHead):
                 p.grad.copy_(flat[offset : offset + p.numel()].view_as(p.grad))
                 offset += p.numel()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm=self.optimizer_config.clip_grad)
-        if not torch.isfinite(grad_norm):
-            if self.rank == 0:
-                logger.warning("[tinylora] grad_norm is %s: skipping this optimizer step", grad_norm.item())
-            self.optimizer.zero_grad()
-        else:
+        finite = bool(torch.isfinite(grad_norm))
+        if finite:
+            before = [p.detach().clone() for p in self.tl_adapter.parameters()]
             self.optimizer.step()
+            finite = all(bool(torch.isfinite(p).all()) for p in self.tl_adapter.parameters())
+            if not finite:
+                with torch.no_grad():
+                    for p, old in zip(self.tl_adapter.parameters(), before):
+                        p.copy_(old)
+        if finite:
+            self.tl_nonfinite_steps = 0
+            return grad_norm.item()
+        self.optimizer.zero_grad()
+        self.tl_nonfinite_steps += 1
+        limit = self.tl_options.max_nonfinite_steps
+        if self.rank == 0:
+            logger.warning("[tinylora] grad_norm is %s: skipping this optimizer step (%d in a row of at most %d)",
+                           grad_norm.item(), self.tl_nonfinite_steps, limit)
+        if self.tl_nonfinite_steps >= limit:
+            raise RuntimeError(
+                f"TinyLoRA: {self.tl_nonfinite_steps} optimizer steps in a row had a non-finite gradient or update "
+                f"(limit tinylora.max_nonfinite_steps={limit}); stopping. v is still the last finite one "
+                f"{[round(x, 6) for x in self._v().tolist()]}, and every checkpoint holds a finite v: lower the "
+                "learning rate or check the reward and data, then resume")
         return grad_norm.item()
+
+    def _v(self) -> torch.Tensor:
+        return torch.cat([p.detach().float().reshape(-1).cpu() for p in self.tl_adapter.parameters()])
 
     def train_batch(self, data, loss_function):
         from verl.utils import tensordict_utils as tu
@@ -210,7 +208,7 @@ class TinyLoRAFSDPEngine(FSDPEngineWithLMHead):
 
     def tinylora_metrics(self) -> dict[str, float]:
         """v (each value when there are few), its norm, and the last sync's bytes, seconds and merge fidelity."""
-        v = torch.cat([p.detach().float().reshape(-1).cpu() for p in self.tl_adapter.parameters()])
+        v = self._v()
         metrics = {"tinylora/v_norm": v.norm().item(), "tinylora/v_abs_max": v.abs().max().item()}
         if v.numel() <= self.tl_options.log_v_max:
             metrics.update({f"tinylora/v_{i}": x for i, x in enumerate(v.tolist())})
@@ -247,7 +245,7 @@ class TinyLoRAFSDPEngine(FSDPEngineWithLMHead):
     def _logged(self, stream, stats: MergeStats):
         yield from stream
         if self.rank == 0:
-            v = torch.cat([p.detach().float().reshape(-1).cpu() for p in self.tl_adapter.parameters()])
+            v = self._v()
             shown = [round(x, 6) for x in v.tolist()] if v.numel() <= self.tl_options.log_v_max else f"|v|={v.norm():.4g}"
             logger.warning(
                 "[tinylora] %s sync: %d tensors (%d modules), %.2f MB in %.2fs, fidelity %.4f, v=%s",
@@ -314,45 +312,3 @@ class TinyLoRAFSDPEngine(FSDPEngineWithLMHead):
         set_rng_state(state.get("rng", {"cpu": state.get("cpu_rng")}))
         if dist.is_initialized():
             dist.barrier()
-
-
-def rng_state() -> dict:
-    """Every generator a step draws from: torch's CPU and (when present) CUDA generators, numpy's and Python's."""
-    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
-            "numpy": np.random.get_state(), "random": random.getstate()}
-
-
-def set_rng_state(state: dict) -> None:
-    """Restore what :func:`rng_state` saved (checkpoints of earlier versions hold the CPU generator only)."""
-    torch.set_rng_state(state["cpu"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-    if state.get("numpy") is not None:
-        np.random.set_state(state["numpy"])
-    if state.get("random") is not None:
-        random.setstate(state["random"])
-
-
-_STEP_DIR = re.compile(r"^global_step_(\d+)$")
-
-
-def checkpoints_beyond(local_path: str, max_ckpt_to_keep) -> list[str]:
-    """The actor checkpoint folders to remove so that at most ``max_ckpt_to_keep`` remain, ``local_path``
-    (``<run>/global_step_N/actor``) the newest; none when the limit is unset or not positive (keep all)."""
-    if isinstance(max_ckpt_to_keep, bool) or not isinstance(max_ckpt_to_keep, int) or max_ckpt_to_keep <= 0:
-        return []
-    actor = os.path.basename(os.path.normpath(local_path))
-    step_dir = os.path.dirname(os.path.normpath(local_path))
-    run_dir = os.path.dirname(step_dir)
-    match = _STEP_DIR.match(os.path.basename(step_dir))
-    if match is None:
-        return []
-    current = int(match.group(1))
-    older = []
-    for name in os.listdir(run_dir):
-        m = _STEP_DIR.match(name)
-        path = os.path.join(run_dir, name, actor)
-        if m and int(m.group(1)) < current and os.path.isfile(os.path.join(path, ADAPTER_FILE)):
-            older.append((int(m.group(1)), path))
-    older.sort()
-    return [path for _, path in older[:max(0, len(older) + 1 - max_ckpt_to_keep)]]
