@@ -55,7 +55,7 @@ def run(device: str, shapes: Sequence[str], tokens: Optional[int], work: Path, p
     """Run every check on each shape; return the report (raises AssertionError on the first failed check)."""
     import torch
 
-    from tinylora_verl.verl.entry import cpu_dtype
+    from tinylora_verl.verl.cpu.precision import cpu_dtype
 
     preset = GPU_PRESET if device == "cuda" else CPU_PRESET
     tokens = tokens or preset["tokens"]

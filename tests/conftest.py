@@ -130,3 +130,22 @@ def assert_rounded_once_to_bf16(got: torch.Tensor, exact: torch.Tensor) -> None:
     half_ulp = torch.ldexp(torch.ones_like(exact), e - 9)  # bf16 has 8 significant bits
     err = (got.double() - exact).abs()
     assert (err <= half_ulp + 1e-6 * (exact.abs() + 1)).all(), f"max error {err.max().item():.3g}"
+
+
+def run_session(cmd, timeout: float, **kwargs):
+    """``subprocess.run(cmd, capture_output=True, text=True)`` in a session of its own, so that a timeout kills
+    everything the command started (a main_ppo, its Ray processes), not only the command."""
+    import os
+    import signal
+    import subprocess
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            **kwargs)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise AssertionError(f"{cmd[:4]}... did not finish within {timeout:.0f}s; its output ends:\n"
+                             f"{(out + err)[-4000:]}") from None
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)

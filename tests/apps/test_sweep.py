@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import run_session
+
 from tinylora_verl.apps import sweep
 from tinylora_verl.apps.sweep import GSM8K_VAL_ACC, SweepRun
 
@@ -107,9 +109,11 @@ def test_launch_skips_finished_runs_and_reports_failures(tmp_path, capsys):
 
 # ------------------------------------------------------------------------------------------ real CPU sweeps
 
+# One step at the CPU overlay's sizes (the learning recipe's study sizes are larger), validated before and after.
 CPU_RUN = ["--budgets", "13", "--lrs", "0.02", "--seeds", "0",
            "trainer.total_training_steps=1", "trainer.save_freq=-1", "trainer.test_freq=1",
-           "trainer.val_before_train=true", "data.val_max_samples=8", "actor_rollout_ref.rollout.seed=0"]
+           "trainer.val_before_train=true", "data.val_max_samples=8", "actor_rollout_ref.rollout.seed=0",
+           "data.train_batch_size=4", "data.max_response_length=128", "actor_rollout_ref.actor.ppo_mini_batch_size=1"]
 
 
 def check_collected(out: Path, proc: subprocess.CompletedProcess):
@@ -130,9 +134,8 @@ def check_collected(out: Path, proc: subprocess.CompletedProcess):
 def test_local_sweep_runs_and_collects(tmp_path):
     out = tmp_path / "sweep"
     # The learning recipe of docs/cpu-learning.md, cut to one step.
-    proc = subprocess.run([sys.executable, "-m", "tinylora_verl.apps.sweep", "--out", str(out),
-                           "--recipe", "tinylora_gsm8k_cpu_learn", *CPU_RUN],
-                          capture_output=True, text=True, timeout=1200)
+    proc = run_session([sys.executable, "-m", "tinylora_verl.apps.sweep", "--out", str(out),
+                        "--recipe", "tinylora_gsm8k_cpu_learn", *CPU_RUN], timeout=1800)
     check_collected(out, proc)
 
 
@@ -163,12 +166,12 @@ def ray_head():
 def test_ray_sweep_submits_jobs_and_collects(tmp_path, ray_head):
     ray, env = ray_head
     out = tmp_path / "sweep"
-    proc = subprocess.run([sys.executable, "-m", "tinylora_verl.apps.sweep", "--out", str(out), "--backend", "ray",
-                           "--address", "http://127.0.0.1:8267", "--ray", ray, "--python", sys.executable,
-                           "--runtime-env", str(ROOT / "recipes" / "runtime_env.yaml"), "--recipe",
-                           "tinylora_gsm8k_cpu", *CPU_RUN,
-                           "ray_kwargs.ray_init.num_cpus=null", "ray_kwargs.ray_init.num_gpus=null"],
-                          capture_output=True, text=True, timeout=1200, env=env)
+    proc = run_session([sys.executable, "-m", "tinylora_verl.apps.sweep", "--out", str(out), "--backend", "ray",
+                        "--address", "http://127.0.0.1:8267", "--ray", ray, "--python", sys.executable,
+                        "--runtime-env", str(ROOT / "recipes" / "runtime_env.yaml"), "--recipe",
+                        "tinylora_gsm8k_cpu", *CPU_RUN,
+                        "ray_kwargs.ray_init.num_cpus=null", "ray_kwargs.ray_init.num_gpus=null"], timeout=1800,
+                       env=env)
     check_collected(out, proc)
     log = (out / "logs" / "b13_lr0.02_s0.log").read_text()
     assert "preflight ok: 1 node(s)" in log and "succeeded" in log

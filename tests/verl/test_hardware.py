@@ -130,10 +130,10 @@ def test_cpu_overlay_over_the_gsm8k_recipe_changes_exactly_the_listed_keys(dtype
 @pytest.mark.parametrize("flags, dtype", [({"avx2", "avx512f"}, "float32"), ({"avx512f", "avx512_bf16"}, "bfloat16"),
                                           ({"amx_bf16", "amx_tile"}, "bfloat16"), (set(), "float32")])
 def test_cpu_overlay_computes_in_bf16_only_where_the_cpu_has_bf16_instructions(flags, dtype, monkeypatch):
-    from tinylora_verl.verl import entry
+    from tinylora_verl.verl.cpu import precision
 
     monkeypatch.delenv("TINYLORA_VERL_CPU_DTYPE", raising=False)
-    monkeypatch.setattr(entry, "cpu_flags", lambda: flags)
+    monkeypatch.setattr(precision, "cpu_flags", lambda: flags)
     cfg = compose("+recipe=tinylora_gsm8k", "+hardware=cpu")
     a = cfg.actor_rollout_ref
     assert (a.actor.fsdp_config.model_dtype, a.actor.fsdp_config.mixed_precision.param_dtype, a.rollout.dtype) == (
@@ -141,12 +141,12 @@ def test_cpu_overlay_computes_in_bf16_only_where_the_cpu_has_bf16_instructions(f
 
 
 def test_forced_cpu_dtype_is_validated(monkeypatch):
-    from tinylora_verl.verl import entry
+    from tinylora_verl.verl.cpu import precision
 
     monkeypatch.setenv("TINYLORA_VERL_CPU_DTYPE", "fp8")
     with pytest.raises(ValueError, match=r"TINYLORA_VERL_CPU_DTYPE='fp8' is not allowed; use one of "
                                          r"\['bfloat16', 'float32'\]"):
-        entry.cpu_dtype()
+        precision.cpu_dtype()
 
 
 def test_gpu1_overlay_changes_only_hardware_keys():

@@ -95,8 +95,8 @@ def run_cpu_recipe(
     seen = len(read_metrics(metrics_path))
     log = out / "main_ppo.log"
     log_offset = log.stat().st_size if log.is_file() else 0
-    env = dict(os.environ, TINYLORA_VERL_CACHE=str(cache), **(env or {}),
-               VERL_FILE_LOGGER_PATH=str(out / f"metrics.run{int(time.time())}.jsonl"))
+    env = {**os.environ, "TINYLORA_VERL_CACHE": str(cache), **(env or {}),
+           "VERL_FILE_LOGGER_PATH": str(out / f"metrics.run{int(time.time())}.jsonl")}
     cmd = [
         sys.executable, "-m", "verl.trainer.main_ppo", f"+recipe={recipe}",
         f"trainer.total_training_steps={steps}", "trainer.logger=[console,file]",

@@ -27,10 +27,6 @@ from typing import Optional, Sequence
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "hydra_configs"
 CPU_DTYPE_RESOLVER = "tinylora_cpu_dtype"
-CPU_DTYPE_ENV = "TINYLORA_VERL_CPU_DTYPE"
-CPU_DTYPES = ("bfloat16", "float32")
-# CPU features with native bf16 matrix instructions; without them torch's and vLLM's bf16 GEMMs run scalar loops.
-_BF16_CPU_FLAGS = {"avx512_bf16", "amx_bf16"}
 _GROUP_ARG = re.compile(r"^\+{0,2}(?P<group>recipe|hardware)=(?P<name>[\w\-./]+)$")
 CPU_HARDWARE = "cpu"
 
@@ -43,36 +39,14 @@ def config_dir(group: str = "recipe") -> Path:
     return CONFIG_DIR / group
 
 
-def cpu_flags() -> set[str]:
-    """The CPU feature flags Linux reports (empty elsewhere)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return set(line.partition(":")[2].split())
-    return set()
-
-
-def cpu_dtype() -> str:
-    """The compute dtype of the CPU overlay: ``bfloat16`` where the CPU has native bf16 matrix instructions
-    (AVX512-BF16, AMX), else ``float32`` (a bf16 GEMM then runs ~200x slower than a float32 one: docs/benchmarks.md).
-    ``TINYLORA_VERL_CPU_DTYPE`` forces either."""
-    forced = os.environ.get(CPU_DTYPE_ENV, "").strip()
-    if forced:
-        if forced not in CPU_DTYPES:
-            raise ValueError(f"{CPU_DTYPE_ENV}={forced!r} is not allowed; use one of {list(CPU_DTYPES)} or unset it")
-        return forced
-    return "bfloat16" if _BF16_CPU_FLAGS & cpu_flags() else "float32"
-
-
 def register_resolvers() -> None:
     """``${tinylora_cpu_dtype:}`` for the hardware overlays (idempotent)."""
     from omegaconf import OmegaConf
 
+    from .cpu import precision
+
     if not OmegaConf.has_resolver(CPU_DTYPE_RESOLVER):
-        OmegaConf.register_new_resolver(CPU_DTYPE_RESOLVER, cpu_dtype)
+        OmegaConf.register_new_resolver(CPU_DTYPE_RESOLVER, lambda: precision.cpu_dtype())
 
 
 def recipe_dir() -> Path:

@@ -31,6 +31,15 @@ def lora_rank_for(r: int) -> int:
     return fits[0]
 
 
+def serving_dtype() -> str:
+    """bf16 on a GPU; on a CPU, bf16 only where it has native bf16 matrix instructions (as the CPU overlay decides)."""
+    import torch
+
+    from .cpu.precision import cpu_dtype
+
+    return "bfloat16" if torch.cuda.is_available() else cpu_dtype()
+
+
 class VLLMBackend:
     """A vLLM engine as a :data:`GenerateFn`; ``lora_dir`` serves every request through that LoRA.
 
@@ -41,7 +50,9 @@ class VLLMBackend:
     """
 
     def __init__(self, model_dir: str, lora_dir: str | None = None, lora_rank: int = 2, max_model_len: int = 2048,
-                 seed: int = 0, dtype: str = "bfloat16", **engine_kwargs):
+                 seed: int = 0, dtype: str = "auto", **engine_kwargs):
+        if dtype == "auto":
+            dtype = serving_dtype()
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         from vllm import LLM  # 7-14 s import: only here
@@ -96,4 +107,4 @@ class VLLMBackend:
         gc.collect()
 
 
-__all__ = ["VLLMBackend", "lora_rank_for"]
+__all__ = ["VLLMBackend", "lora_rank_for", "serving_dtype"]
