@@ -92,10 +92,11 @@ def test_the_callback_prints_one_paragraph_and_exits_2(model_dir, tmp_path, caps
     ("actor_rollout_ref.model.lora.tinylora.r=1000", "r=1000 exceeds min(out, in)=576"),
     ("+actor_rollout_ref.model.lora.tinylora.bogus_key=1", "Unknown TinyLoRA config keys ['bogus_key']"),
 ])
-def test_main_ppo_stops_before_ray(override, message, record_property):
+def test_main_ppo_stops_before_ray(override, message, record_property, tmp_path):
     """The recipe's Hydra callback runs the checks on the driver: verl never prints its Ray start-up line."""
     start = time.perf_counter()
-    out = subprocess.run([sys.executable, "-m", "verl.trainer.main_ppo", "+recipe=tinylora_gsm8k_cpu", override],
+    out = subprocess.run([sys.executable, "-m", "verl.trainer.main_ppo", "+recipe=tinylora_gsm8k_cpu", override,
+                          f"hydra.run.dir={tmp_path}"],
                          capture_output=True, text=True, timeout=300, cwd=ROOT)
     record_property("seconds_to_error", round(time.perf_counter() - start, 1))
     assert out.returncode == 2, out.stderr[-3000:]
