@@ -12,7 +12,7 @@ import torch
 
 from tinylora_verl.core.adapter_io import read_adapter
 from tinylora_verl.apps.demo import RunResult, run_cpu_recipe
-from tinylora_verl.apps.metrics import v_values
+from tinylora_verl.apps.metrics import read_metrics, v_values
 from tinylora_verl.tasks.rewards import compute_score
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -26,11 +26,18 @@ def checkpointed(out) -> int:
     return int(tracker.read_text()) if tracker.is_file() else 0
 
 
+def step_done(out, step: int) -> bool:
+    """Step ``step`` is checkpointed and its metrics row is written (verl logs a step after saving it, so a kill
+    between the two would lose the row, not the step)."""
+    return checkpointed(out) >= step and any(
+        row["step"] == step for path in out.glob("metrics.run*.jsonl") for row in read_metrics(path))
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> tuple[RunResult, RunResult]:
     out = tmp_path_factory.mktemp("e2e") / "run"
     first = run_cpu_recipe(out, steps=3, overrides=OVERRIDES, timeout=1800, echo=True,
-                           kill_when=lambda: checkpointed(out) >= 2)
+                           kill_when=lambda: step_done(out, 2))
     assert first.returncode == -9 and checkpointed(out) == 2, first.log.read_text()[-5000:]
     second = run_cpu_recipe(out, steps=3, overrides=OVERRIDES, timeout=1200, echo=True)
     assert second.returncode == 0, second.log.read_text()[-5000:]
