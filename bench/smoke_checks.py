@@ -76,7 +76,7 @@ def init_process_group(device: str) -> None:
 
     if device == "cpu":
         os.environ["TINYLORA_VERL_CPU"] = "1"
-        from tinylora_verl.verl import cpu_platform
+        from tinylora_verl.verl.cpu import platform as cpu_platform
 
         cpu_platform.activate()
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")

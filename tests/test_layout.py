@@ -135,3 +135,40 @@ def test_files_stay_readable():
     long = {str(p.relative_to(ROOT)): n for p in list(PACKAGE.rglob("*.py")) + list((ROOT / "bench").glob("*.py"))
             if (n := len(p.read_text().splitlines())) > MAX_LINES}
     assert not long, f"files over {MAX_LINES} lines: {long}"
+
+
+def top_level_names(path: Path) -> set[str]:
+    """What a module defines or imports at its top level, plus ``__all__`` (a lazy ``__getattr__`` serves those)."""
+    names = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            for target in node.targets if isinstance(node, ast.Assign) else [node.target]:
+                names |= {n.id for n in ast.walk(target) if isinstance(n, ast.Name)}
+                if isinstance(target, ast.Name) and target.id == "__all__" and isinstance(node.value, (ast.List, ast.Tuple)):
+                    names |= {e.value for e in node.value.elts if isinstance(e, ast.Constant)}
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names |= {(a.asname or a.name).split(".")[0] for a in node.names}
+    return names
+
+
+def test_every_import_of_the_package_names_something_that_exists():
+    """bench/, tests/ and docker/ sit outside the import graph's layers; a name they import from a moved or
+    renamed module would only fail when that script runs (bench.gpu_smoke did, after the layout change)."""
+    mods = modules()
+    files = [p for d in ("bench", "tests", "docker", "tinylora_verl") for p in (ROOT / d).rglob("*.py")]
+    missing = []
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and not node.level and (node.module or "").startswith("tinylora_verl"):
+                if node.module not in mods:
+                    missing.append(f"{path.relative_to(ROOT)}: no module {node.module}")
+                    continue
+                defined = top_level_names(mods[node.module])
+                missing += [f"{path.relative_to(ROOT)}: {node.module} has no {a.name}" for a in node.names
+                            if a.name != "*" and a.name not in defined and f"{node.module}.{a.name}" not in mods]
+            elif isinstance(node, ast.Import):
+                missing += [f"{path.relative_to(ROOT)}: no module {a.name}" for a in node.names
+                            if a.name.startswith("tinylora_verl") and a.name not in mods]
+    assert not missing, missing
