@@ -53,6 +53,18 @@ def test_good_configuration_passes_and_missing_data_does_not(model_dir, tmp_path
         check_run(cfg)
 
 
+def test_a_tilde_data_path_is_refused_even_where_the_file_exists(model_dir, tmp_path, monkeypatch):
+    """verl reads ``~/x`` as ``<cwd>/~/x``: the recipes' old paths failed in the TaskRunner after Ray started."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "train.parquet").write_bytes(b"")
+    cfg = run_cfg(model_dir, tmp_path)
+    cfg["data"]["train_files"] = "~/train.parquet"
+    with pytest.raises(ValueError, match=r"data.train_files=~/train.parquet starts with '~', which verl does not "
+                                         r"expand .* use an absolute path, e.g. .*train.parquet, or "
+                                         r"\$\{oc.env:HOME\}/train.parquet as the recipes do"):
+        check_run(cfg)
+
+
 def test_packed_sequences_need_an_attention_that_keeps_them_apart(model_dir, tmp_path):
     cfg = run_cfg(model_dir, tmp_path)
     cfg["actor_rollout_ref"]["model"] |= {"use_remove_padding": True,
