@@ -146,7 +146,8 @@ def top_level_names(path: Path) -> set[str]:
         elif isinstance(node, (ast.Assign, ast.AnnAssign)):
             for target in node.targets if isinstance(node, ast.Assign) else [node.target]:
                 names |= {n.id for n in ast.walk(target) if isinstance(n, ast.Name)}
-                if isinstance(target, ast.Name) and target.id == "__all__" and isinstance(node.value, (ast.List, ast.Tuple)):
+                listed = isinstance(node.value, (ast.List, ast.Tuple))
+                if isinstance(target, ast.Name) and target.id == "__all__" and listed:
                     names |= {e.value for e in node.value.elts if isinstance(e, ast.Constant)}
         elif isinstance(node, (ast.Import, ast.ImportFrom)):
             names |= {(a.asname or a.name).split(".")[0] for a in node.names}

@@ -88,7 +88,8 @@ def test_resume_runs_step_3_from_the_checkpoint(runs):
     first, second = runs
     assert [r["step"] for r in second.metrics] == [3]
     saved, _ = read_adapter(str(first.run_dir / "global_step_2" / "actor" / "tinylora_adapter.safetensors"))
-    # The resumed run's first sync (before step 3's rollout) must carry the checkpoint's v (bit-exact restore is tested in test_engine).
+    # The resumed run's first sync (before step 3's rollout) must carry the checkpoint's v (bit-exact restore is
+    # tested in test_engine).
     shown = [round(x, 6) for x in saved.reshape(-1).tolist()]
     syncs = [line for line in second.log_text().splitlines() if "[tinylora] merged sync:" in line]
     assert syncs and f"v={shown}" in syncs[0], (shown, syncs[:1])

@@ -77,7 +77,8 @@ def check_data(data: Mapping[str, Any]) -> None:
                 # verl hands the string to `datasets` unexpanded, which reads <cwd>/~/...
                 raise PreflightError(f"data.{key}={path} starts with '~', which verl does not expand (it would read "
                                      f"{Path.cwd() / str(path)}); use an absolute path, e.g. "
-                                     f"{Path(str(path)).expanduser()}, or ${{oc.env:HOME}}{str(path)[1:]} as the recipes do")
+                                     f"{Path(str(path)).expanduser()}, or ${{oc.env:HOME}}{str(path)[1:]} as the "
+                                     "recipes do")
             if "://" not in str(path) and not Path(str(path)).exists():
                 raise PreflightError(f"data.{key}={path} does not exist; write GSM8K there with `tinylora-verl data "
                                      f"gsm8k --out-dir {Path(str(path)).parent}` (or MATH with `tinylora-verl data "
