@@ -72,16 +72,17 @@ def check_data(data: Mapping[str, Any]) -> None:
     """Local ``data.train_files`` / ``data.val_files`` exist (remote URLs such as ``hdfs://`` are left to verl)."""
     for key in ("train_files", "val_files"):
         value = data.get(key)
-        for path in [value] if isinstance(value, str) else list(value or []):
-            if "://" not in str(path) and str(path).startswith("~"):
+        for path in map(str, [value] if isinstance(value, str) else list(value or [])):
+            if "://" in path:
+                continue
+            if path.startswith("~"):
                 # verl hands the string to `datasets` unexpanded, which reads <cwd>/~/...
                 raise PreflightError(f"data.{key}={path} starts with '~', which verl does not expand (it would read "
-                                     f"{Path.cwd() / str(path)}); use an absolute path, e.g. "
-                                     f"{Path(str(path)).expanduser()}, or ${{oc.env:HOME}}{str(path)[1:]} as the "
-                                     "recipes do")
-            if "://" not in str(path) and not Path(str(path)).exists():
+                                     f"{Path.cwd() / path}); use an absolute path, e.g. {Path(path).expanduser()}, "
+                                     f"or ${{oc.env:HOME}}{path[1:]} as the recipes do")
+            if not Path(path).exists():
                 raise PreflightError(f"data.{key}={path} does not exist; write GSM8K there with `tinylora-verl data "
-                                     f"gsm8k --out-dir {Path(str(path)).parent}` (or MATH with `tinylora-verl data "
+                                     f"gsm8k --out-dir {Path(path).parent}` (or MATH with `tinylora-verl data "
                                      "math`), or point the key at your parquet files")
 
 
