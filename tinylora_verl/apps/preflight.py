@@ -20,6 +20,8 @@ import sys
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
+from hydra.experimental.callback import Callback
+
 from ..core.adapter import find_target_modules, resolve_plan
 from ..core.tying import canonical_order
 from ..verl.attention import attention_implementation, check_attention
@@ -114,8 +116,10 @@ def _plain(cfg) -> dict:
     return OmegaConf.to_container(cfg, resolve=True)
 
 
-class Preflight:
-    """Hydra callback: :func:`check_run` on the composed configuration, before the task function (and Ray)."""
+class Preflight(Callback):
+    """Hydra callback: :func:`check_run` on the composed configuration, before the task function (and Ray).
+
+    A :class:`Callback` subclass so Hydra finds every hook it calls (``on_run_start`` ...), not a warning."""
 
     def on_job_start(self, config, **kwargs) -> None:
         if "actor_rollout_ref" not in config:  # not a main_ppo configuration
@@ -130,9 +134,6 @@ class Preflight:
             raise SystemExit(EXIT_CODE) from None
         for note in notes:
             print(f"[tinylora_verl] preflight: {note}", file=sys.stderr, flush=True)
-
-    def on_job_end(self, config, job_return, **kwargs) -> None:
-        return None
 
 
 __all__ = ["EXIT_CODE", "Preflight", "PreflightError", "check_run", "check_targets", "model_config_json"]

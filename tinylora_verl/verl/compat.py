@@ -65,7 +65,14 @@ REQUIRED_VERL_INTERNALS: tuple[tuple[str, str], ...] = (
 )
 
 # The subset activate() may import in every process: no vLLM, no engine or worker modules.
-_LIGHT_MODULE_PREFIXES = ("verl.plugin.", "verl.utils.", "verl.workers.rollout.replica", "verl.workers.engine.base")
+_LIGHT_MODULE_PREFIXES = ("verl.plugin.", "verl.utils.", "verl.workers.rollout.replica")
+# ... except verl's vLLM helpers, which import vLLM itself (4 s on the driver, before any config is checked).
+_HEAVY_MODULE_PREFIXES = ("verl.utils.vllm",)
+
+
+def is_light(module_name: str) -> bool:
+    """Whether ``activate()`` may import ``module_name`` inside ``import verl`` (see the two prefix lists)."""
+    return module_name.startswith(_LIGHT_MODULE_PREFIXES) and not module_name.startswith(_HEAVY_MODULE_PREFIXES)
 
 def require_verl_version() -> str:
     """Return verl's version, raising if it is not the one this layer was written against."""
@@ -103,7 +110,7 @@ def check_verl_internals(light_only: bool = False) -> None:
     """
     require_verl_version()
     for module_name, attr in REQUIRED_VERL_INTERNALS:
-        if light_only and not module_name.startswith(_LIGHT_MODULE_PREFIXES):
+        if light_only and not is_light(module_name):
             continue
         _resolve(module_name, attr)
 

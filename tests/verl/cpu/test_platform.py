@@ -68,6 +68,29 @@ def test_bad_flag_value_is_rejected(monkeypatch):
         cpu_platform.is_enabled()
 
 
+def test_activation_inside_import_verl_leaves_vllm_unimported():
+    """The driver imports verl before Hydra composes the config: vLLM there would delay every config error by
+    the 4 s vLLM takes to import (its checks run when the CPU rollout classes load, in the workers)."""
+    result = _run_activated(
+        """
+        import json, sys
+        import verl
+        from tinylora_verl.verl.cpu import platform as cpu_platform
+        print(json.dumps({"active": cpu_platform._ACTIVE, "vllm": sorted(m for m in sys.modules
+                          if m == "vllm" or m.startswith(("vllm.", "verl.utils.vllm")))[:5]}))
+        """
+    )
+    assert result == {"active": True, "vllm": []}
+
+
+def test_light_subset_excludes_modules_that_import_vllm():
+    assert compat.is_light("verl.utils.device") and compat.is_light("verl.workers.rollout.replica")
+    # verl.workers.engine imports every FSDP engine (1.4 s): its entries are checked where the engine loads.
+    assert not compat.is_light("verl.utils.vllm") and not compat.is_light("verl.utils.vllm.utils")
+    assert not compat.is_light("verl.workers.rollout.vllm_rollout.utils") and not compat.is_light("vllm.config")
+    assert not compat.is_light("verl.workers.engine.base")
+
+
 @pytest.mark.slow
 def test_every_required_internal_exists_and_activation_wires_cpu():
     result = _run_activated(
