@@ -145,6 +145,10 @@ class TinyLoRAAdapter(nn.Module):
     def num_trainable(self) -> int:
         return sum(p.numel() for p in self.vectors)
 
+    def group_of(self, name: str) -> int:
+        """Index of module ``name``'s tie group (its v is ``vectors[group_of(name)]``)."""
+        return self._group_index[self._check_name(name)]
+
     def vector_of(self, name: str) -> nn.Parameter:
         return self.vectors[self._group_index[self._check_name(name)]]
 

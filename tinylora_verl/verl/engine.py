@@ -13,7 +13,9 @@ Before each rollout verl streams ``get_per_tensor_param()`` to the inference eng
 that stream is wrapped so every target weight goes out as ``cast(W + ΔW)`` computed in float32 from the pristine
 base. With ``sync_mode: lora`` it is replaced by ΔW's exact rank-r LoRA plus a peft config, which verl's worker
 (``engine_workers.py``, ``update_weights``) sends as an adapter after one base-weight sync; verl's vLLM server
-then serves every request through it.
+then serves every request through it. With ``sync_mode: native`` the first sync of this engine's life sends the
+pristine base, then each target's frozen factors (the install), then v; every later sync sends only v and its
+checksum (:mod:`tinylora_verl.core.native`), which vLLM's TinyLoRA plugin turns into the exact update.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import torch.distributed as dist
 from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead
 
 from ..core.adapter import MergeStats, TinyLoRAAdapter, inject_tinylora
+from ..core import native
 from ..core.adapter_io import load_adapter_state, save_adapter
 from .attention import attention_implementation, check_attention
 from .checkpoints import ADAPTER_FILE, STATE_FILE, checkpoints_beyond, rng_state, set_rng_state
@@ -64,6 +67,7 @@ class TinyLoRAFSDPEngine(FSDPEngineWithLMHead):
         self.tl_last_sync: Optional[MergeStats] = None
         self.tl_inject_seconds: Optional[float] = None
         self.tl_nonfinite_steps = 0
+        self.tl_native_installed = False
         if self.tl_config is not None:
             check_lora_settings(self.tl_options, self.tl_config, dict(model_config.lora or {}),
                                 model_config.lora_rank, model_config.lora_adapter_path)
@@ -223,6 +227,8 @@ class TinyLoRAFSDPEngine(FSDPEngineWithLMHead):
             return super().get_per_tensor_param(layered_summon=layered_summon, base_sync_done=base_sync_done, **kwargs)
         if self.tl_options.sync_mode == "lora":
             return self._lora_stream(layered_summon, base_sync_done, **kwargs)
+        if self.tl_options.sync_mode == "native":
+            return self._native_stream(layered_summon, **kwargs), None
         stream, _ = super().get_per_tensor_param(layered_summon=layered_summon, base_sync_done=base_sync_done, **kwargs)
         stats = MergeStats()
         self.tl_last_sync = stats
@@ -241,6 +247,40 @@ class TinyLoRAFSDPEngine(FSDPEngineWithLMHead):
         stats = MergeStats()
         self.tl_last_sync = stats
         return self._logged(self.tl_adapter.lora_named_tensors(dtype, stats=stats), stats), peft_config
+
+    def _native_stream(self, layered_summon, **kwargs):
+        """``sync_mode: native``: base + install + v on the first sync of this engine's life (a restarted run
+        reinstalls), v and its checksum after that. The install counts as sent only once the stream is consumed."""
+        self.tl_adapter.check_finite("native sync")
+        stats = MergeStats()
+        self.tl_last_sync = stats
+        start = time.perf_counter()
+        install = not self.tl_native_installed
+        dtype = getattr(torch, self.tl_options.sync_dtype)
+        parts = []
+        if install:
+            base, _ = super().get_per_tensor_param(layered_summon=layered_summon, base_sync_done=True, **kwargs)
+            parts.append(((n, t.to(dtype) if t.is_floating_point() else t) for n, t in base))
+            adapter = self.tl_adapter
+            parts.append(native.install_tensors((n, adapter.factors(n)[:4], adapter.group_of(n))
+                                                for n in adapter.module_names))
+        v = torch.stack([p.detach().float() for p in self.tl_adapter.vectors])  # (groups, u)
+        step = native.step_tensors(v)
+        parts.append(iter(step))
+        sent = 0
+        for part in parts:
+            for name, tensor in part:
+                stats.tensors += 1
+                sent += tensor.numel() * tensor.element_size()
+                yield name, tensor
+        stats.bytes, stats.seconds = sent, time.perf_counter() - start
+        self.tl_native_installed = True
+        if self.rank == 0:
+            step_bytes = sum(t.numel() * t.element_size() for _, t in step)
+            logger.warning("[tinylora] native sync: %s%d bytes of v + checksum, %.2fs, v=%s, checksum %d",
+                           f"base + install {(sent - step_bytes) / 2**20:.2f} MB (once), " if install else "",
+                           step_bytes, stats.seconds, [round(x, 6) for x in v.flatten().tolist()[:64]],
+                           int(step[1][1]))
 
     def _logged(self, stream, stats: MergeStats):
         yield from stream

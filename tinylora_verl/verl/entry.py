@@ -8,6 +8,11 @@ In the driver (``python -m verl.trainer.main_ppo +recipe=NAME ...``) it
 - switches the CPU platform on for ``+hardware=cpu`` and for recipes that include ``/hardware/cpu`` (the driver
   decides the device before Ray starts, so the overlay's ``runtime_env`` is too late for this process).
 
+In every other process (Ray workers: the TaskRunner that builds the rollout replicas among them) it registers
+TinyLoRA's vLLM replica under verl's ``vllm`` rollout name (:mod:`tinylora_verl.verl.native.server`): verl's
+server unchanged unless the actor's ``tinylora.sync_mode`` is ``native``. Where the CPU platform is active (it runs
+first, through ``VERL_USE_EXTERNAL_MODULES``), its replica, which derives from that server, stays.
+
 It also registers the OmegaConf resolver ``${tinylora_cpu_dtype:}`` that the CPU overlay's precision keys use, in
 every process that may resolve a config.
 
@@ -144,10 +149,30 @@ def _activate_cpu_if_requested(name: Optional[str], hardware: Optional[str]) -> 
     platform.activate()
 
 
+def _load_native_aware_replica():
+    from .native.server import TinyLoRAVLLMReplica
+
+    return TinyLoRAVLLMReplica
+
+
+def register_rollout() -> bool:
+    """Register TinyLoRA's vLLM replica unless the CPU platform registered its own; returns whether it did."""
+    cpu = sys.modules.get("tinylora_verl.verl.cpu.platform")
+    if cpu is not None and getattr(cpu, "_ACTIVE", False):
+        return False
+    from verl.workers.rollout.replica import RolloutReplicaRegistry
+
+    RolloutReplicaRegistry.register("vllm", _load_native_aware_replica)
+    return True
+
+
 def _main() -> None:
     register_resolvers()
     name = check_driver(sys.argv[1:])
     hardware = requested_hardware(sys.argv[1:])
+    if name is None and hardware is None:
+        # Not a main_ppo launch with a TinyLoRA recipe (the driver builds no replica and must fail fast).
+        register_rollout()
     try:
         _activate_cpu_if_requested(name, hardware)
     except Exception as e:  # verl would hide this at debug level; the run must not go on without the platform

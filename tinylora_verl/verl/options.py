@@ -14,7 +14,7 @@ from typing import Any, Mapping, Optional
 from ..core.config import TinyLoRAConfig
 
 SYNC_DTYPES = ("bfloat16", "float16", "float32")
-SYNC_MODES = ("merged", "lora")
+SYNC_MODES = ("merged", "lora", "native")
 # Set as model.lora_adapter_path, it makes verl compute the KL reference inside the actor (trainer_base.py:237)
 # through disable_adapter(); PEFT LoRA stays off because lora_rank is 0.
 REF_IN_ACTOR_MARKER = "tinylora://actor-as-reference"
@@ -29,7 +29,9 @@ class TinyLoRAVerlOptions:
         sync_dtype: dtype of the weights (merged mode) or LoRA factors (lora mode) streamed to the rollout.
         sync_mode: ``merged`` streams ``cast(W + ΔW)`` under the base's HF names; ``lora`` streams ΔW as its exact
             rank-r LoRA through verl's LoRA adapter path (needs ``model.lora.rank >= r``, ``model.lora_rank: 0``),
-            so ΔW is no longer rounded against W and a sync is a few MB instead of the whole model.
+            so ΔW is no longer rounded against W and a sync is a few MB instead of the whole model; ``native``
+            installs each target's frozen factors in vLLM once and then sends only v (tens of bytes), from which
+            vLLM's TinyLoRA plugin computes the exact update in float32 (tinylora_verl.verl.native).
         log_v_max: log every v value per step when there are at most this many.
         max_nonfinite_steps: stop the run with an error after this many consecutive optimizer steps whose gradient
             (or update) was not finite and was skipped; checkpoints already written keep their finite v.

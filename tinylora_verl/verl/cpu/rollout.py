@@ -14,6 +14,10 @@ stream and calls vLLM's ``Worker.reload_weights(weights_iterator=..., is_checkpo
 restores the checkpoint-format parameters, loads, and repacks. One call with every tensor also keeps the
 q/k/v (and gate/up) shards of each fused layer together, which a partial reload would corrupt.
 
+With ``sync_mode: native`` the TinyLoRA tensors of the stream (``tinylora_native/...``: the install once, then v
+and its checksum) go to the model's native receiver (:mod:`tinylora_verl.verl.native.model`), after the base
+weights of the same stream, if any, are reloaded.
+
 With ``sync_mode: lora`` the stream is an exact rank-r LoRA plus a ``peft_config``; it is handed to vLLM as
 verl's own ``TensorLoRARequest`` under verl's fixed adapter id, which verl's server then attaches to every
 generate call (``vLLMHttpServer.generate``). A base-weight stream (first sync with ``load_format: dummy``) still
@@ -37,9 +41,12 @@ from verl.workers.rollout.vllm_rollout.utils import (
     VLLM_LORA_PATH,
     vLLMColocateWorkerExtension,
 )
-from verl.workers.rollout.vllm_rollout.vllm_async_server import vLLMHttpServer, vLLMReplica
+from verl.workers.rollout.vllm_rollout.vllm_async_server import vLLMReplica
 
+from ...core import native
 from ..compat import check_verl_internals
+from ..native.model import state_of
+from ..native.server import TinyLoRAVLLMHttpServer
 
 logger = logging.getLogger(__name__)
 logger.setLevel(os.getenv("VERL_LOGGING_LEVEL", "INFO"))
@@ -94,18 +101,25 @@ class CpuVLLMWorkerExtension(vLLMColocateWorkerExtension):
         if not received:
             raise RuntimeError("CPU weight sync received an empty weight stream from the trainer")
         num_bytes = sum(t.numel() * t.element_size() for _, t in received)
-        if peft_config and base_sync_done:
+        tinylora = [(n, t) for n, t in received if n.startswith(native.PREFIX)]
+        received = [(n, t) for n, t in received if not n.startswith(native.PREFIX)]
+        what = []
+        if received and peft_config and base_sync_done:
             self._load_lora(dict(received), peft_config)
-            what = "LoRA adapter"
-        else:
+            what.append("LoRA adapter")
+        elif received:
             if peft_config:
                 received = [(base_layer_name(n), t) for n, t in received]
             self.reload_weights(weights_iterator=iter(received), is_checkpoint_format=True)
-            what = "base" if peft_config else "merged"
+            what.append("base" if peft_config or tinylora else "merged")
+        if tinylora:
+            # After the base: the native update rides on the weights just loaded.
+            state_of(self.model_runner.get_model()).accept(tinylora)
+            what.append("TinyLoRA native")
         logger.info(
             "tinylora_verl CPU weight sync: %s, %d tensors (%.1f MB) in %.2fs",
-            what,
-            len(received),
+            " + ".join(what),
+            len(received) + len(tinylora),
             num_bytes / 2**20,
             time.time() - start,
         )
@@ -120,8 +134,8 @@ class CpuVLLMWorkerExtension(vLLMColocateWorkerExtension):
             raise RuntimeError(f"vLLM did not register the TinyLoRA LoRA (id {VLLM_LORA_INT_ID}) after add_lora")
 
 
-class CpuVLLMHttpServer(vLLMHttpServer):
-    """verl's vLLM server with the CPU weight-sync worker extension."""
+class CpuVLLMHttpServer(TinyLoRAVLLMHttpServer):
+    """verl's vLLM server (TinyLoRA's, for native mode) with the CPU weight-sync worker extension."""
 
     def _get_worker_extension_cls(self) -> str:
         return f"{CpuVLLMWorkerExtension.__module__}.{CpuVLLMWorkerExtension.__qualname__}"
