@@ -62,6 +62,19 @@ REQUIRED_VERL_INTERNALS: tuple[tuple[str, str], ...] = (
     ("vllm.v1.worker.gpu_worker", "Worker.add_lora"),
     ("vllm.v1.worker.gpu_worker", "Worker.list_loras"),
     ("vllm.model_executor.models.utils", "WeightsMapper.get_rename_mapper"),
+    # sync_mode: native (verl/native): the server's engine-argument and sleep-level hooks (server.py) ...
+    ("verl.workers.rollout.vllm_rollout.vllm_async_server", "vLLMHttpServer._preprocess_engine_kwargs"),
+    ("verl.workers.rollout.vllm_rollout.vllm_async_server", "vLLMHttpServer._resolve_sleep_level"),
+    # ... the loader method every vLLM loader goes through, wrapped by the plugin (plugin.py) ...
+    ("vllm.model_executor.model_loader.base_loader", "BaseModelLoader.load_model"),
+    # ... and the layer classes whose local GEMM (quant_method.apply) gets the update, with their shard layout
+    # (model.py; the same forward bodies in vLLM 0.24 and 0.31).
+    ("vllm.model_executor.layers.linear", "QKVParallelLinear"),
+    ("vllm.model_executor.layers.linear", "MergedColumnParallelLinear"),
+    ("vllm.model_executor.layers.linear", "ColumnParallelLinear"),
+    ("vllm.model_executor.layers.linear", "RowParallelLinear"),
+    ("vllm.model_executor.layers.linear", "ReplicatedLinear"),
+    ("vllm.model_executor.layers.linear", "UnquantizedLinearMethod.apply"),
 )
 
 # The subset activate() may import in every process: no vLLM, no engine or worker modules.
