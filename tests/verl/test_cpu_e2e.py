@@ -98,16 +98,19 @@ def test_resume_runs_step_3_from_the_checkpoint(runs):
 
 
 def test_native_sync_installs_once_per_process_then_sends_60_bytes(runs):
-    for run, steps in zip(runs, (2, 1)):
-        log = run.log_text()
-        syncs = [line for line in log.splitlines() if "[tinylora] native sync:" in line]
-        assert len(syncs) >= steps and "base + install" in syncs[0], syncs[:1]
-        assert all("base + install" not in line and "60 bytes of v + checksum" in line for line in syncs[1:])
-        assert "[tinylora] native install: 210 modules into 120 vLLM layers" in log
-        assert "matches the trainer's" in log
-        # A row reports the sync before its step's rollout: the first of each process carries base + install.
-        sent = [row["actor/tinylora/sync_bytes"] for row in run.metrics]
-        assert sent[0] > 1e6 and all(b == 60 for b in sent[1:]), sent
+    first, second = runs
+    log = second.log_text()  # both runs write one log: the killed run's lines, then the resumed run's
+    syncs = [line for line in log.splitlines() if "[tinylora] native sync:" in line]
+    installs = [i for i, line in enumerate(syncs) if "base + install" in line]
+    # One install per engine life: the first sync of the killed run and the first of the resumed one (the killed
+    # run may have synced for step 3 before the kill).
+    assert len(installs) == 2 and installs[0] == 0 and installs[1] >= len(first.metrics), syncs
+    assert all("60 bytes of v + checksum" in line for line in syncs)
+    assert log.count("[tinylora] native install: 210 modules into 120 vLLM layers") == 2
+    assert log.count("(matches the trainer's), 60 bytes") >= len(syncs)
+    # A row reports the sync before its step's rollout: the first of each process carries base + install.
+    sent = [[row["actor/tinylora/sync_bytes"] for row in run.metrics] for run in runs]
+    assert sent[0][0] > 1e6 and sent[0][1:] == [60] * (len(sent[0]) - 1) and sent[1][0] > 1e6, sent
 
 
 def test_native_rollout_mismatch_does_not_grow_once_v_moves(runs):
