@@ -308,7 +308,7 @@ def test_bypassing_sync_paths_are_refused(engine):
         ({"lora_extra": {"rank": 1}}, {"enable": True, "sync_mode": "lora"}, r"lora.rank >= r=2 .*got 1"),
         ({"lora_extra": {"rank": 2, "merge": True}}, {"enable": True, "sync_mode": "lora"},
          r"model.lora.merge=true would ask verl to merge it"),
-        ({}, {"enable": True, "sync_mode": "delta"}, r"`tinylora.sync_mode` should be one of \['merged', 'lora'\]"),
+        ({}, {"enable": True, "sync_mode": "delta"}, r"`tinylora.sync_mode` should be one of \['merged', 'lora', 'native'\]"),
         ({"lora_adapter_path": "/some/peft"}, {"enable": True}, r"model.lora_adapter_path='/some/peft' would be ignored"),
         ({}, {"enable": True, "sync_dtype": "int8"}, r"`tinylora.sync_dtype` should be one of \['bfloat16', 'float16', 'float32'\]"),
         ({}, {"enable": True, "rank": 2}, r"Unknown TinyLoRA config keys \['rank'\]"),
