@@ -128,7 +128,7 @@ def compare(runs: dict[str, str | Path], skip_first: int = 1, floor_bytes: int =
 
 # (label, recipe): the same CPU model, data, batch sizes and rollout; only the adapter and its sync differ.
 RECIPES = (("TinyLoRA merged", "tinylora_gsm8k_cpu"), ("TinyLoRA lora sync", "tinylora_gsm8k_cpu_lora"),
-           ("verl LoRA r=8", "tinylora_gsm8k_cpu_verl_lora"))
+           ("TinyLoRA native sync", "tinylora_gsm8k_cpu_native"), ("verl LoRA r=8", "tinylora_gsm8k_cpu_verl_lora"))
 # The runs whose sync the TinyLoRA engine does not measure: label -> the rank of verl's own LoRA.
 VERL_LORA_RANKS = {"verl LoRA r=8": 8}
 # Paired seeds, no checkpoints: the runs time steps, they do not keep them.

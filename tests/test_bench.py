@@ -393,7 +393,8 @@ def test_e2e_run_recipes_runs_missing_and_reuses_complete(tmp_path, monkeypatch)
     write_clean(tmp_path / "tinylora_gsm8k_cpu" / "metrics.jsonl")  # 4 complete steps: reused
     paths = e2e.run_recipes(tmp_path, steps=3, progress=None)
     assert list(paths) == [label for label, _ in e2e.RECIPES]
-    assert [c[0] for c in calls] == ["tinylora_gsm8k_cpu_lora", "tinylora_gsm8k_cpu_verl_lora"]
+    assert [c[0] for c in calls] == ["tinylora_gsm8k_cpu_lora", "tinylora_gsm8k_cpu_native",
+                                     "tinylora_gsm8k_cpu_verl_lora"]
     assert all(c[1] == 3 and "data.seed=0" in c[2] for c in calls)
     assert all(p.is_file() for p in paths.values())
 

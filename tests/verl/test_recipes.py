@@ -9,7 +9,7 @@ from tinylora_verl.verl.entry import available_recipes, recipe_dir
 from tinylora_verl.verl.options import parse_tinylora_block
 
 RECIPES = ["tinylora_gsm8k", "tinylora_math", "tinylora_gsm8k_1gpu", "tinylora_gsm8k_cpu", "tinylora_gsm8k_cpu_learn",
-           "tinylora_gsm8k_cpu_lora", "tinylora_gsm8k_cpu_verl_lora",
+           "tinylora_gsm8k_cpu_lora", "tinylora_gsm8k_cpu_native", "tinylora_gsm8k_cpu_verl_lora",
            # the shipped GPU recipes on the CPU overlay, as CI runs them
            "tinylora_gsm8k +hardware=cpu", "tinylora_math +hardware=cpu", "tinylora_gsm8k_1gpu +hardware=cpu"]
 # Recipes whose rollout serves a LoRA: (lora.rank, lora_rank, TinyLoRA enabled).
