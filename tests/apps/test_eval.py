@@ -127,6 +127,16 @@ def test_evaluate_writes_files(tmp_path):
     assert s["prompt"] == [{"role": "user", "content": "q0"}] and s["pred"] == "18" and s["correct"] is True
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["meta"] == {"model": "fake"} and len(summary["rows"]) == 8
+    # 2 problems: the interval is the bootstrap's range over them; merged vs base on the same problems
+    g = by["gsm8k", "base", "greedy"]
+    assert (g["acc_low"], g["acc_high"]) == (0.0, 1.0)
+    paired = {(p["benchmark"], p["decoding"]): p for p in summary["paired"]}
+    assert set(paired) == {(b, d) for b in ("gsm8k", "math500") for d in ("greedy", "t1_n2")}
+    gp = paired["gsm8k", "greedy"]  # gt 18: base 18 | 19 -> right, wrong; merged 17 | 18 -> wrong, right
+    assert (gp["mode"], gp["reference"], gp["diff"], gp["n01"], gp["n10"], gp["p_mcnemar"]) == (
+        "merged", "base", 0.0, 1, 1, 1.0)
+    assert paired["gsm8k", "t1_n2"]["p_mcnemar"] is None and paired["gsm8k", "t1_n2"]["diff"] == 0.25
+    assert len(list(csv.DictReader(open(tmp_path / "paired.csv")))) == 4
     with open(tmp_path / "summary.csv") as f:
         table = list(csv.DictReader(f))
     assert len(table) == 8 and table[0]["benchmark"] == "gsm8k" and float(table[0]["acc"]) == 0.5
@@ -275,6 +285,8 @@ def test_run_eval_modes(tiny_run, tmp_path):
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["meta"]["merge_fidelity_bf16"] == rows[1]["merge_fidelity_bf16"] > 0
     assert len((tmp_path / "out" / "samples.jsonl").read_text().splitlines()) == 6
+    # the engines ran one at a time; the pairs against the base are formed from the combined samples
+    assert [(p["mode"], p["diff"]) for p in summary["paired"]] == [("merged", 0.0), ("lora", 0.0)]
     with pytest.raises(ValueError, match=r"--mode 'x' is not supported"):
         run_eval(str(tmp / "base"), [gsm(0)], [Decoding("greedy")], str(tmp_path / "o2"), mode="x",
                  backend_factory=factory)
@@ -292,6 +304,7 @@ def test_cli_eval(tiny_run, tmp_path, monkeypatch, capsys):
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "gsm8k\tbase\tgreedy\t2" in out and "gsm8k\tbase\tt1_n2\t2" in out
+    assert "acc_low\tacc_high" in out and "against the base" not in out  # no adapter: nothing to pair
     assert (tmp_path / "cli" / "summary.csv").is_file()
     for extra, msg in [(["--data", "gsm8k"], r"--data 'gsm8k' must look like NAME=PATH_OR_HUB_ID"),
                        (["--data", "math500=x.jsonl"], r"names 'math500', which is not in --benchmarks \['gsm8k'\]"),

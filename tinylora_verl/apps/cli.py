@@ -15,6 +15,7 @@ import argparse
 import json
 import math
 import sys
+from pathlib import Path
 from typing import Optional, Sequence
 
 from ..core.config import DEFAULT_TARGET_MODULES, TIE_MODES
@@ -114,14 +115,24 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     decodings = default_decodings(args.samples, args.temperature, args.max_tokens)
     rows = run_eval(args.model, problems, decodings, args.out, adapter=args.adapter, mode=args.mode,
                     with_base=args.with_base, max_model_len=args.max_model_len, seed=args.seed)
-    cols = ("benchmark", "mode", "decoding", "problems", "acc", "acc_lenient", "format_rate", "mean_reward")
+    _print_table(rows, ("benchmark", "mode", "decoding", "problems", "acc", "acc_low", "acc_high", "acc_lenient",
+                        "format_rate", "mean_reward"))
+    paired = json.loads((Path(args.out) / "summary.json").read_text()).get("paired") or []
+    if paired:
+        print("\nagainst the base on the same problems (diff = mode - base; 95% interval; p: paired bootstrap, "
+              "McNemar where greedy):")
+        _print_table(paired, ("benchmark", "mode", "decoding", "problems", "diff", "diff_low", "diff_high",
+                              "p_bootstrap", "n01", "n10", "p_mcnemar"))
+    fid = rows[0].get("merge_fidelity_bf16") if rows else None
+    print(f"wrote {args.out}/samples.jsonl, summary.json, summary.csv" + (", paired.csv" if paired else "")
+          + (f"; bf16 merge fidelity {fid:.4f}" if fid is not None else ""))
+    return 0
+
+
+def _print_table(rows: list[dict], cols: tuple[str, ...]) -> None:
     print("\t".join(cols))
     for r in rows:
-        print("\t".join(f"{r[c]:.3f}" if isinstance(r[c], float) else str(r[c]) for c in cols))
-    fid = rows[0].get("merge_fidelity_bf16") if rows else None
-    print(f"wrote {args.out}/samples.jsonl, summary.json, summary.csv" + (f"; bf16 merge fidelity {fid:.4f}"
-                                                                           if fid is not None else ""))
-    return 0
+        print("\t".join(f"{r[c]:.3f}" if isinstance(r.get(c), float) else str(r.get(c)) for c in cols))
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:

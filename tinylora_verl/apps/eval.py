@@ -13,10 +13,13 @@ Contract::
 * ``reward`` = the training reward with ``format_score`` 0.1 (1 exact, 0.1 well-formed but wrong, else 0).
 
 One summary row per benchmark x mode x decoding: mean accuracy over all responses (greedy: pass@1; sampled: the
-mean over K samples), pass@K, format rate, mean reward, the share of problems whose K samples are neither all
+mean over K samples) with its 95% bootstrap interval over problems (``acc_low``, ``acc_high``), pass@K, format rate, mean reward, the share of problems whose K samples are neither all
 formatted nor all unformatted (``mixed_format``) and whose rewards are not all equal (``mixed_reward``: GRPO groups
 with a non-zero advantage), mean response length, wall time. Files in ``out_dir``: ``samples.jsonl`` (one line per
-response), ``summary.json`` (rows + run metadata, incl. bf16 merge fidelity) and ``summary.csv``.
+response), ``summary.json`` (rows + run metadata, incl. bf16 merge fidelity) and ``summary.csv``. Where the base ran
+beside adapter modes, ``paired.json``/``paired.csv`` (also under ``summary.json``'s ``paired``) hold each mode
+against the base on the same problems (:func:`tinylora_verl.apps.stats.compare_modes`): the accuracy difference
+with its 95% paired-bootstrap interval and p-value, and for greedy decoding the exact McNemar test.
 
 Modes: ``base`` (no adapter), ``merged`` (``cast_bf16(W + ΔW)`` formed in float32 and written to a temporary HF
 folder vLLM loads), ``lora`` (the exact rank-r LoRA ``B = UΣM, A = Vᵀ`` served by vLLM's LoRA support, which works
@@ -40,6 +43,7 @@ from typing import Callable, Optional, Sequence, Union
 from ..tasks.problems import Problem
 from ..tasks.rewards import compute_score
 from .export import export
+from .stats import bootstrap_interval, compare_modes, per_problem
 
 MODES = ("merged", "lora", "both", "auto")
 FORMAT_SCORE = 0.1
@@ -105,10 +109,13 @@ def aggregate(rows: list[dict]) -> dict:
         groups.setdefault(r["index"], []).append(r)
     lenient = [r["correct_lenient"] for r in rows if r["correct_lenient"] is not None]
     tokens = [r["num_tokens"] for r in rows if r["num_tokens"] is not None]
+    low, high = bootstrap_interval(list(per_problem(rows).values()))
     return {
         "problems": len(groups),
         "responses": len(rows),
         "acc": _mean([float(r["correct"]) for r in rows]),
+        "acc_low": low,
+        "acc_high": high,
         "acc_lenient": _mean([float(c) for c in lenient]),
         "pass_at_k": _mean([float(any(r["correct"] for r in g)) for g in groups.values()]),
         "format_rate": _mean([float(r["formatted"]) for r in rows]),
@@ -132,7 +139,7 @@ def evaluate(problems: Sequence[Problem], backends: dict[str, GenerateFn], decod
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     benchmarks = list(dict.fromkeys(p.benchmark for p in problems))
-    summary = []
+    summary, graded = [], []
     with open(out / "samples.jsonl", "w", encoding="utf-8") as f:
         for mode, generate in backends.items():
             for dec in decodings:
@@ -156,17 +163,29 @@ def evaluate(problems: Sequence[Problem], backends: dict[str, GenerateFn], decod
                     bar.close()
                     for r in rows:
                         f.write(json.dumps(r, ensure_ascii=False) + "\n")
+                    graded += [{k: r[k] for k in ("benchmark", "decoding", "mode", "index", "correct")} for r in rows]
                     tokens = sum(r["num_tokens"] or 0 for r in rows)
                     summary.append({"benchmark": bench, "mode": mode, "decoding": dec.name, "n": dec.n,
                                     "temperature": dec.temperature, "max_tokens": dec.max_tokens, **aggregate(rows),
                                     "seconds": round(seconds, 2),
                                     "tokens_per_s": round(tokens / seconds, 1) if seconds > 0 and tokens else None})
-    (out / "summary.json").write_text(json.dumps({"meta": meta or {}, "rows": summary}, indent=2))
-    with open(out / "summary.csv", "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=list(summary[0]))
-        writer.writeheader()
-        writer.writerows(summary)
+    _write(out, summary, compare_modes(graded), meta or {})
     return summary
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _write(out: Path, summary: list[dict], paired: list[dict], meta: dict) -> None:
+    """``summary.json`` (meta, rows, paired comparisons), ``summary.csv`` and, if any, ``paired.csv``."""
+    (out / "summary.json").write_text(json.dumps({"meta": meta, "rows": summary, "paired": paired}, indent=2))
+    _write_csv(out / "summary.csv", summary)
+    if paired:
+        _write_csv(out / "paired.csv", paired)
 
 
 # ---------------------------------------------------------------------------------------------- models
@@ -229,18 +248,20 @@ def run_eval(model: str, problems: Sequence[Problem], decodings: Sequence[Decodi
     return summary
 
 
-def _combine(out_dir: str, parts: list[Path], summary: list[dict], meta: dict) -> None:
+def _combine(out_dir: str, parts: list[Path], summary: list[dict], meta: dict) -> list[dict]:
+    """Concatenate the engines' samples into ``out_dir`` and write the summary with the paired comparisons of the
+    modes against the base (the engines ran one at a time, so the pairs are formed only here)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    graded = []
     with open(out / "samples.jsonl", "w", encoding="utf-8") as f:
         for part in parts:
-            f.write((part / "samples.jsonl").read_text(encoding="utf-8"))
-    (out / "summary.json").write_text(json.dumps({"meta": meta, "rows": summary}, indent=2))
-    fields = list(dict.fromkeys(k for r in summary for k in r))
-    with open(out / "summary.csv", "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(summary)
+            text = (part / "samples.jsonl").read_text(encoding="utf-8")
+            f.write(text)
+            graded += [json.loads(line) for line in text.splitlines() if line.strip()]
+    paired = compare_modes(graded, seed=int(meta.get("seed") or 0))
+    _write(out, summary, paired, meta)
+    return paired
 
 
 __all__ = ["Decoding", "aggregate", "default_decodings", "evaluate", "resolve_modes", "run_eval", "score_response"]
