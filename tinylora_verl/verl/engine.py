@@ -32,8 +32,8 @@ import torch.distributed as dist
 
 from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead
 
-from ..core.adapter import MergeStats, TinyLoRAAdapter, inject_tinylora
 from ..core import native
+from ..core.adapter import MergeStats, TinyLoRAAdapter, inject_tinylora
 from ..core.adapter_io import load_adapter_state, save_adapter
 from .attention import attention_implementation, check_attention
 from .checkpoints import ADAPTER_FILE, STATE_FILE, checkpoints_beyond, rng_state, set_rng_state
