@@ -268,6 +268,23 @@ def test_write_merged_model(tiny_run):
     assert (out / "tokenizer.json").is_file()
 
 
+def test_zero_adapter_control_serves_the_base_through_the_adapters_path(tiny_run, tmp_path):
+    """``zero_v``: the merged folder holds cast(W) exactly (the base's weights through the merge path), the LoRA
+    folder zero B factors (the base through vLLM's LoRA kernels)."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    tmp, _, _ = tiny_run
+    done = export(str(tmp / "base"), str(tmp / "adapter.safetensors"), merged_out=str(tmp_path / "m0"),
+                  lora_out=str(tmp_path / "l0"), progress=False, zero_v=True)
+    base = AutoModelForCausalLM.from_pretrained(str(tmp / "base"), dtype=torch.float32).state_dict()
+    merged = load_file(str(done.merged / "model.safetensors"))
+    assert merged and all(torch.equal(t, base[name].to(torch.bfloat16)) for name, t in merged.items())
+    lora = load_file(str(done.lora / "adapter_model.safetensors"))
+    b = [t for name, t in lora.items() if "lora_B" in name]
+    assert b and all(not t.any() for t in b)
+
+
 def test_run_eval_modes(tiny_run, tmp_path):
     tmp, _, _ = tiny_run
     started = []
@@ -279,14 +296,18 @@ def test_run_eval_modes(tiny_run, tmp_path):
 
     rows = run_eval(str(tmp / "base"), [gsm(0), gsm(1)], [Decoding("greedy")], str(tmp_path / "out"),
                     adapter=str(tmp / "adapter.safetensors"), mode="both", with_base=True, backend_factory=factory)
-    assert [r["mode"] for r in rows] == ["base", "merged", "lora"]
+    assert [r["mode"] for r in rows] == ["base", "merged", "lora", "merged_v0", "lora_v0"]
     assert started[0]["model_dir"] == str(tmp / "base") and "model.safetensors" in started[1]["files"]
     assert started[2]["files"] == ["adapter_config.json", "adapter_model.safetensors"] and started[2]["lora_rank"] == 2
+    assert started[3]["files"] == started[1]["files"] and started[4]["files"] == started[2]["files"]
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["meta"]["merge_fidelity_bf16"] == rows[1]["merge_fidelity_bf16"] > 0
-    assert len((tmp_path / "out" / "samples.jsonl").read_text().splitlines()) == 6
-    # the engines ran one at a time; the pairs against the base are formed from the combined samples
-    assert [(p["mode"], p["diff"]) for p in summary["paired"]] == [("merged", 0.0), ("lora", 0.0)]
+    assert len((tmp_path / "out" / "samples.jsonl").read_text().splitlines()) == 10
+    # the engines ran one at a time; the pairs are formed from the combined samples: every mode against the base,
+    # then each adapter mode against its zero-adapter control
+    assert [(p["mode"], p["reference"], p["diff"]) for p in summary["paired"]] == [
+        ("merged", "base", 0.0), ("lora", "base", 0.0), ("merged_v0", "base", 0.0), ("lora_v0", "base", 0.0),
+        ("merged", "merged_v0", 0.0), ("lora", "lora_v0", 0.0)]
     with pytest.raises(ValueError, match=r"--mode 'x' is not supported"):
         run_eval(str(tmp / "base"), [gsm(0)], [Decoding("greedy")], str(tmp_path / "o2"), mode="x",
                  backend_factory=factory)
@@ -384,14 +405,19 @@ def test_vllm_eval_base_merged_lora(smollm2_path, smollm2_adapter, tmp_path):
     decodings = default_decodings(samples=2, temperature=1.0, max_tokens=64)
     rows = run_eval(str(smollm2_path), problems, decodings, str(tmp_path), adapter=str(smollm2_adapter),
                     mode="both", with_base=True, max_model_len=1024)
-    assert [(r["mode"], r["decoding"]) for r in rows] == [(m, d) for m in ("base", "merged", "lora")
-                                                          for d in ("greedy", "t1_n2")]
+    modes = ("base", "merged", "lora", "merged_v0", "lora_v0")
+    assert [(r["mode"], r["decoding"]) for r in rows] == [(m, d) for m in modes for d in ("greedy", "t1_n2")]
     assert all(r["problems"] == 8 for r in rows) and rows[0]["responses"] == 8 and rows[1]["responses"] == 16
     assert rows[2]["merge_fidelity_bf16"] > 0.99
     samples = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
-    assert len(samples) == 3 * (8 + 16)
-    greedy = {m: [s["response"] for s in samples if s["mode"] == m and s["decoding"] == "greedy"]
-              for m in ("base", "merged", "lora")}
+    assert len(samples) == 5 * (8 + 16)
+    greedy = {m: [s["response"] for s in samples if s["mode"] == m and s["decoding"] == "greedy"] for m in modes}
+    # The merged control is the base's own bf16 weights through the merge path: the same engine, the same text.
+    assert greedy["merged_v0"] == greedy["base"]
+    paired = {(p["mode"], p["reference"], p["decoding"]) for p in json.loads((tmp_path / "summary.json").read_text())[
+        "paired"]}
+    assert {("merged", "base", "greedy"), ("lora_v0", "base", "greedy"), ("lora", "lora_v0", "t1_n2")} <= paired
+    print("lora_v0 greedy texts equal to the base's:", sum(a == b for a, b in zip(greedy["lora_v0"], greedy["base"])))
     differ = sum(a != b for a, b in zip(greedy["base"], greedy["merged"]))
     assert differ >= 6, greedy  # v ~ 0.5 moves the top singular directions a lot
     # merged (bf16 weights) and lora (bf16 LoRA kernels) are two roundings of the same ΔW, so greedy text stays

@@ -25,7 +25,10 @@ Modes: ``base`` (no adapter), ``merged`` (``cast_bf16(W + ΔW)`` formed in float
 folder vLLM loads), ``lora`` (the exact rank-r LoRA ``B = UΣM, A = Vᵀ`` served by vLLM's LoRA support, which works
 on vLLM CPU 0.31; ``max_lora_rank`` is the smallest value vLLM allows that is >= r, and a rank-2 LoRA loads into
 rank-8 slots without padding). ``auto`` = merged, plus lora when the bf16 merge fidelity is below 0.99 (ΔW partly
-rounded away by the cast). Without an adapter only ``base`` runs; ``with_base`` adds it beside the adapter modes.
+rounded away by the cast). Without an adapter only ``base`` runs; ``with_base`` adds it beside the adapter modes,
+and for each adapter mode a zero-adapter control (``merged_v0``, ``lora_v0``: the same adapter with v = 0, exported
+and served the same way), which isolates what the serving path itself changes: the control is compared with the
+base, and the adapter with its control.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ from .export import export
 from .stats import bootstrap_interval, compare_modes, per_problem
 
 MODES = ("merged", "lora", "both", "auto")
+CONTROL = "{}_v0"  # the zero-adapter control of a mode
 FORMAT_SCORE = 0.1
 AUTO_FIDELITY = 0.99
 
@@ -231,6 +235,14 @@ def run_eval(model: str, problems: Sequence[Problem], decodings: Sequence[Decodi
                 plan.append(("merged", {"model_dir": str(done.merged)}))
             if "lora" in modes:
                 plan.append(("lora", {"model_dir": model, "lora_dir": str(done.lora), "lora_rank": done.r}))
+            if with_base:
+                zero = export(model, adapter, merged_out=None if done.merged is None else str(tmp / "merged_v0"),
+                              lora_out=None if "lora" not in modes else str(tmp / "lora_v0"), zero_v=True)
+                if zero.merged is not None:
+                    plan.append((CONTROL.format("merged"), {"model_dir": str(zero.merged)}))
+                if "lora" in modes:
+                    plan.append((CONTROL.format("lora"), {"model_dir": model, "lora_dir": str(zero.lora),
+                                                          "lora_rank": zero.r}))
         for name, kwargs in plan:
             backend = backend_factory(max_model_len=max_model_len, seed=seed, **kwargs)
             try:
@@ -259,7 +271,11 @@ def _combine(out_dir: str, parts: list[Path], summary: list[dict], meta: dict) -
             text = (part / "samples.jsonl").read_text(encoding="utf-8")
             f.write(text)
             graded += [json.loads(line) for line in text.splitlines() if line.strip()]
-    paired = compare_modes(graded, seed=int(meta.get("seed") or 0))
+    seed = int(meta.get("seed") or 0)
+    paired = compare_modes(graded, seed=seed)
+    for mode in ("merged", "lora"):  # the adapter against its own serving path with v = 0
+        paired += [p for p in compare_modes([r for r in graded if r["mode"] in (mode, CONTROL.format(mode))],
+                                            reference=CONTROL.format(mode), seed=seed)]
     _write(out, summary, paired, meta)
     return paired
 

@@ -62,9 +62,11 @@ def atomic_folder(target: Path, overwrite: bool) -> Iterator[Path]:
 
 def export(model_dir: str, adapter_path: str, merged_out: Optional[str] = None, lora_out: Optional[str] = None,
            dtype: str = "bfloat16", shard_bytes: int = 2 << 30, progress: bool = True,
-           overwrite: bool = False) -> Exported:
+           overwrite: bool = False, zero_v: bool = False) -> Exported:
     """Load ``model_dir`` in float32 with the adapter at ``adapter_path`` and write what is asked (neither: just
-    the merge fidelity). Refuses non-empty output folders unless ``overwrite`` (checked before any loading)."""
+    the merge fidelity). Refuses non-empty output folders unless ``overwrite`` (checked before any loading).
+    ``zero_v``: the same adapter with v = 0 (ΔW = 0), written through the same path: the evaluation's control of
+    what the serving path alone changes."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -78,6 +80,10 @@ def export(model_dir: str, adapter_path: str, merged_out: Optional[str] = None, 
     torch_dtype = getattr(torch, dtype)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     adapter = load_adapter(adapter_path, model)
+    if zero_v:
+        with torch.no_grad():
+            for v in adapter.parameters():
+                v.zero_()
     try:
         fidelity, _ = adapter.merge_fidelity(torch_dtype)
         if not math.isfinite(fidelity):
