@@ -8,12 +8,15 @@ step after that it sends only ``v`` (groups, u) and a checksum of it. The engine
 
 which is the trainer's forward (:mod:`tinylora_verl.core.ops`). Inference engines fuse linears (q/k/v in one layer,
 gate/up in another) and shard them over tensor-parallel ranks, so an engine layer holds several *slices*, each the
-rows of one trainer module that this rank computes. Per layer the update is then three fixed-shape products over
+rows of one trainer module that this rank computes. Per layer the update is then fixed-shape products over
 buffers that hold every slice side by side, padded to the engine's rank ``R >= r`` with zeros (exact)::
 
-    h = x Vtᵀ              (tokens, n·R)   Vt (n·R, in_local): slice j's Vᵀ rows, this rank's input columns
-    z_j = h_j Cᵀ_j          (tokens, R)     C_j = (Σ_j M_j) (R, R), recomputed from v at each sync, not per token
-    Δy = z Ut              (tokens, out_local)  Ut (n·R, out_local): slice j's Uᵀ in its own output columns
+    Vt (n·R, in_local)    slice j's Vᵀ rows over this rank's input columns (installed once)
+    C_j = (Σ_j M_j) (R, R) recomputed from v at each sync
+    A_j = C_j Vt_j         (R, in_local), the mixed projection, recomputed at each sync (not per token)
+    Δy = (x Aᵀ) Ut         (tokens, out_local); Ut (n·R, out_local): slice j's Uᵀ in its own output columns
+
+so a forward adds two thin GEMMs per layer (``x Aᵀ``, then an ``addmm`` into y), whatever n.
 
 Column-parallel layers keep all input features and their own output rows of ``U``; row-parallel layers keep their
 input rows of ``V`` and all outputs, and their partial ``Δy`` is summed by the layer's own all-reduce (the update is
@@ -129,12 +132,19 @@ def row_layout(in_features: int, out_features: int, tp_rank: int, tp_size: int) 
 
 # ---------------------------------------------------------------------------------------------- buffers and math
 def empty_buffers(layout: LayerLayout, rank: int, device=None) -> dict[str, torch.Tensor]:
-    """Zero buffers of one layer (a zero update until a slice is installed): ``vt`` (n·R, in_local), ``core_t``
-    (n, R, R), ``ut`` (n·R, out_local), float32."""
+    """Zero buffers of one layer (a zero update until a slice is installed): ``vt`` and ``a`` (n·R, in_local),
+    ``core_t`` (n, R, R), ``ut`` (n·R, out_local), float32."""
     n = len(layout.slices)
     kw = dict(dtype=torch.float32, device=device)
     return {"vt": torch.zeros(n * rank, layout.in_local, **kw), "core_t": torch.zeros(n, rank, rank, **kw),
-            "ut": torch.zeros(n * rank, layout.out_local, **kw)}
+            "a": torch.zeros(n * rank, layout.in_local, **kw), "ut": torch.zeros(n * rank, layout.out_local, **kw)}
+
+
+def mix_(buffers: dict[str, torch.Tensor]) -> None:
+    """``A_j = C_j Vt_j`` for every slice, in place (after the cores or the factors changed)."""
+    n, rank, _ = buffers["core_t"].shape
+    vt = buffers["vt"].view(n, rank, -1)  # (n, R, in_local)
+    buffers["a"].view(n, rank, -1).copy_(torch.bmm(buffers["core_t"].transpose(1, 2), vt))
 
 
 def fill_slice(buffers: dict[str, torch.Tensor], layout: LayerLayout, j: int, U: torch.Tensor,
@@ -166,19 +176,21 @@ def core_t(v: torch.Tensor, P: torch.Tensor, S: torch.Tensor, rank: int) -> torc
     return out
 
 
-def add_update(out: torch.Tensor, x: torch.Tensor, vt: torch.Tensor, core: torch.Tensor,
-               ut: torch.Tensor) -> torch.Tensor:
-    """``cast(out + ((x Vtᵀ) Cᵀ) Ut)`` per slice, in float32 and rounded once into ``out``'s dtype (module doc).
+def add_update(out: torch.Tensor, x: torch.Tensor, a: torch.Tensor, ut: torch.Tensor) -> torch.Tensor:
+    """``cast(out + (x Aᵀ) Ut)``, in float32 and rounded once into ``out``'s dtype (module doc).
 
-    ``out`` (..., out_local), ``x`` (..., in_local); no value-dependent branch, so it traces into one graph."""
-    n, rank, _ = core.shape
-    x2 = x.reshape(-1, x.shape[-1]).to(torch.float32)  # (tokens, in_local)
-    h = (x2 @ vt.T).view(-1, n, rank)  # (tokens, n, R)
-    z = torch.einsum("tnk,nkj->tnj", h, core).reshape(-1, n * rank)  # (tokens, n·R)
-    delta = (z @ ut).view(out.shape)  # (..., out_local)
-    return (out.to(torch.float32) + delta).to(out.dtype)
+    ``out`` (..., out_local), ``x`` (..., in_local). Branches only on dtypes, which are fixed when a graph is
+    traced; float32 activations skip the casts (each is a pass on the CPU's eager path)."""
+    x2 = x.reshape(-1, x.shape[-1])  # (tokens, in_local)
+    if x2.dtype != torch.float32:
+        x2 = x2.to(torch.float32)
+    z = x2 @ a.T  # (tokens, n·R)
+    out2 = out.reshape(-1, out.shape[-1])  # (tokens, out_local)
+    if out.dtype == torch.float32:
+        return torch.addmm(out2, z, ut).view(out.shape)
+    return torch.addmm(out2.to(torch.float32), z, ut).to(out.dtype).view(out.shape)
 
 
 __all__ = ["CHECK_NAME", "FACTOR_PARTS", "LayerLayout", "PREFIX", "Slice", "V_NAME", "add_update", "column_layout",
-           "core_t", "empty_buffers", "factor_name", "fill_slice", "install_tensors", "parse_factor_name",
+           "core_t", "empty_buffers", "factor_name", "fill_slice", "mix_", "install_tensors", "parse_factor_name",
            "qkv_layout", "row_layout", "step_tensors", "v_checksum"]

@@ -2,7 +2,7 @@
 
 :func:`attach` runs right after vLLM builds and loads the model, before its first forward, so the update is traced
 into whatever vLLM compiles (torch.compile, CUDA graphs): each ``QKVParallelLinear``, ``MergedColumnParallelLinear``,
-``ColumnParallelLinear``, ``RowParallelLinear`` and ``ReplicatedLinear`` gets three float32 buffers at their final
+``ColumnParallelLinear``, ``RowParallelLinear`` and ``ReplicatedLinear`` gets four float32 buffers at their final
 shape (zeros: no update) and its ``quant_method.apply`` is wrapped to add :func:`tinylora_verl.core.native.add_update`
 to the local shard's output, before the layer's all-gather or all-reduce. Syncs only ``copy_`` into the buffers.
 
@@ -31,7 +31,7 @@ from ...core import native
 logger = logging.getLogger(__name__)
 
 ATTR = "_tinylora_native"
-BUFFERS = ("vt", "core_t", "ut")
+BUFFERS = ("vt", "core_t", "a", "ut")
 
 
 def layer_layout(layer: nn.Module) -> Optional[native.LayerLayout]:
@@ -60,7 +60,7 @@ def _wrap_apply(layer: nn.Module) -> None:
 
     def apply(module, x, bias=None):
         out = inner(module, x, bias)
-        return native.add_update(out, x, module.tinylora_vt, module.tinylora_core_t, module.tinylora_ut)
+        return native.add_update(out, x, module.tinylora_a, module.tinylora_ut)
 
     method.apply = apply
 
@@ -164,9 +164,14 @@ class NativeModel:
         if v.dim() != 2 or v.shape[0] < groups:
             raise RuntimeError(f"TinyLoRA native sync: v of shape {tuple(v.shape)} does not cover the {groups} tie "
                                "groups installed")
+        touched = set()
         for module, (layer_name, j, P, S, group) in self.installed.items():
             layer = self.layers[layer_name][0]
             layer.tinylora_core_t[j].copy_(native.core_t(v[group].to(P.device), P, S, self.rank))
+            touched.add(layer_name)
+        for layer_name in touched:
+            layer = self.layers[layer_name][0]
+            native.mix_({k: getattr(layer, f"tinylora_{k}") for k in BUFFERS})
         self.v, self.checksum = v.clone(), checksum
         self.syncs += 1
         shown = [round(x, 6) for x in v.flatten().tolist()[:64]]
