@@ -99,7 +99,7 @@ def test_resume_runs_step_3_from_the_checkpoint(runs):
 
 def test_native_sync_installs_once_per_process_then_sends_60_bytes(runs):
     first, second = runs
-    log = second.log_text()  # both runs write one log: the killed run's lines, then the resumed run's
+    log = second.log.read_text()  # the whole log: the killed run's lines, then the resumed run's
     syncs = [line for line in log.splitlines() if "[tinylora] native sync:" in line]
     installs = [i for i, line in enumerate(syncs) if "base + install" in line]
     # One install per engine life: the first sync of the killed run and the first of the resumed one (the killed
