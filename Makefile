@@ -26,8 +26,9 @@ $(STAMP): requirements/cpu.txt pyproject.toml setup.py
 	$(VENV)/bin/tinylora-verl prepare-smollm2
 	@rm -f $(VENV)/.tinylora-setup-* && touch $@
 
+# --durations: the log says where the suite's time goes (its budget is 60 minutes on a 2-core machine).
 test: setup
-	$(PY) -m pytest -q -rs $(PYTEST_ARGS)
+	$(PY) -m pytest -q -rs --durations=25 $(PYTEST_ARGS)
 
 test-fast: setup
 	$(PY) -m pytest -q -rs -m "not slow and not e2e" $(PYTEST_ARGS)

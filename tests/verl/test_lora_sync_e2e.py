@@ -9,46 +9,38 @@ compute noise is ~10x larger and the two modes measured the same (probs_diff_mea
 
 import pytest
 
+from tests.verl.conftest import FP32_ADAPTER_RUN
 from tinylora_verl.apps.demo import run_cpu_recipe
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
-# v starts from a seeded N(0, 0.1²) (the same in both modes), so the first rollout already serves a real ΔW.
-# float32 trainer (no autocast) and rollout; micro-batches of 2 keep float32 logits within this machine's memory.
-OVERRIDES = ["actor_rollout_ref.rollout.seed=0", "data.seed=0", "trainer.save_freq=-1",
-             "actor_rollout_ref.model.lora.tinylora.init=normal", "+actor_rollout_ref.model.lora.tinylora.init_std=0.1",
-             "actor_rollout_ref.actor.fsdp_config.model_dtype=fp32",
-             "+actor_rollout_ref.actor.fsdp_config.mixed_precision={param_dtype:fp32,reduce_dtype:fp32,buffer_dtype:fp32}",
-             "actor_rollout_ref.rollout.dtype=float32", "data.train_batch_size=4",
-             "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=2",
-             "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=2"]
 MISMATCH = ("training/rollout_probs_diff_mean", "rollout_corr/k3_kl", "rollout_corr/log_ppl_abs_diff")
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    out = tmp_path_factory.mktemp("sync")
-    results = {}
-    for mode, recipe in (("merged", "tinylora_gsm8k_cpu"), ("lora", "tinylora_gsm8k_cpu_lora")):
-        res = run_cpu_recipe(out / mode, steps=1, recipe=recipe, overrides=OVERRIDES, timeout=1200, echo=True)
-        assert res.returncode == 0, res.log_text()[-5000:]
-        assert len(res.metrics) == 1
-        results[mode] = res
-    return results
+def runs(tmp_path_factory, ray_job):
+    """The merged side is the session's Ray job (the same recipe and overrides, sync_mode merged)."""
+    proc, _, merged = ray_job
+    assert proc.returncode == 0 and len(merged) == 1, (proc.stdout + proc.stderr)[-5000:]
+    res = run_cpu_recipe(tmp_path_factory.mktemp("sync") / "lora", steps=1, recipe="tinylora_gsm8k_cpu_lora",
+                         overrides=[*FP32_ADAPTER_RUN, "trainer.save_freq=-1"], timeout=1200, echo=True)
+    assert res.returncode == 0, res.log_text()[-5000:]
+    assert len(res.metrics) == 1
+    return {"merged": proc.stdout + proc.stderr, "lora": res, "metrics": {"merged": merged[0], "lora": res.metrics[0]}}
 
 
 def test_lora_sync_serves_the_adapter_through_vllms_lora(runs):
     log = runs["lora"].log_text()
     assert "lora sync: 420 tensors (210 modules)" in log
     assert "tinylora_verl CPU weight sync: LoRA adapter, 420 tensors" in log
-    lora, merged = runs["lora"].metrics[0], runs["merged"].metrics[0]
+    lora, merged = runs["metrics"]["lora"], runs["metrics"]["merged"]
     # The adapter stream: 210 modules x (A, B) in bf16, against the whole merged model.
     assert lora["actor/tinylora/sync_bytes"] < merged["actor/tinylora/sync_bytes"] / 50
     assert abs(lora["actor/tinylora/merge_fidelity"] - 1) < 1e-2
 
 
 def test_mismatch_drops_below_the_merged_modes(runs):
-    lora, merged = runs["lora"].metrics[0], runs["merged"].metrics[0]
+    lora, merged = runs["metrics"]["lora"], runs["metrics"]["merged"]
     for key in MISMATCH:
         print(f"{key}: merged {merged[key]:.3e}  lora {lora[key]:.3e}")
     # Measured (8 prompts x 4 samples): probs_diff_mean 1.02e-3 -> 8.9e-5, k3 KL 4.6e-5 -> 3.1e-7.

@@ -4,7 +4,9 @@ HOME points at a temporary folder; the data is written there by the README's own
 ``~`` is the shell's; then ``python -m verl.trainer.main_ppo +recipe=NAME +hardware=cpu`` reads it through the
 recipe's own data paths and verl's dataset loading, scores with the recipe's reward function, and takes one GRPO
 step to a checkpoint. With the recipes' former ``~/data/...`` paths this fails: verl hands the string to
-``datasets.load_dataset`` unexpanded.
+``datasets.load_dataset`` unexpanded. The GSM8K recipe runs through the paper-sweep launcher (local backend: the same
+``main_ppo`` command plus the sweep's overrides), so that one launch also tests the sweep's run, validation and
+collection.
 """
 
 import json
@@ -15,8 +17,12 @@ from pathlib import Path
 
 import pytest
 
-from tinylora_verl.core.adapter_io import read_adapter
+from tests.apps.test_sweep import CPU_RUN, check_collected
+from tests.conftest import run_session
 from tinylora_verl.apps.demo import run_cpu_recipe
+from tinylora_verl.apps.metrics import read_metrics
+from tinylora_verl.apps.models import default_cache_dir
+from tinylora_verl.core.adapter_io import read_adapter
 from tinylora_verl.tasks.data import MATH_DATA_SOURCE
 from tinylora_verl.tasks.rewards import compute_score
 
@@ -59,8 +65,6 @@ def home(tmp_path_factory):
 
 
 def run_shipped(recipe: str, env: dict, out: Path, *extra: str):
-    from tinylora_verl.apps.models import default_cache_dir
-
     cache = str(default_cache_dir())  # resolved with the real HOME: the converted SmolLM2
     result = run_cpu_recipe(out, steps=1, recipe=recipe, timeout=1500, env=dict(env, TINYLORA_VERL_CACHE=cache),
                             overrides=["+hardware=cpu", f"trainer.rollout_data_dir={out / 'rollouts'}",
@@ -73,19 +77,29 @@ def rollouts(out: Path) -> list[dict]:
     return [json.loads(line) for f in sorted((out / "rollouts").glob("*.jsonl")) for line in f.read_text().splitlines()]
 
 
-def check_run(result, home: str, folder: str) -> None:
-    log = result.log_text()
+def check_run(log: str, metrics: list[dict], run_dir: Path, home: str, folder: str) -> None:
     assert f"{home}/data/{folder}/train.parquet" in log, "the run did not read the recipe's own data path"
-    assert [r["step"] for r in result.metrics] == [1]
-    assert "actor/tinylora/v_norm" in result.metrics[0]
-    v, meta = read_adapter(str(result.run_dir / "global_step_1" / "actor" / "tinylora_adapter.safetensors"))
+    assert [r["step"] for r in metrics] == [1]
+    assert "actor/tinylora/v_norm" in metrics[0]
+    v, meta = read_adapter(str(run_dir / "global_step_1" / "actor" / "tinylora_adapter.safetensors"))
     assert v.shape == (13, 1) and meta["config"]["tie_mode"] == "tiled"
 
 
-def test_paper_gsm8k_recipe_runs_on_the_cpu_overlay(home, tmp_path):
-    result = run_shipped("tinylora_gsm8k", home, tmp_path / "gsm8k")
-    check_run(result, home["HOME"], "gsm8k")
-    rows = rollouts(tmp_path / "gsm8k")
+def test_paper_gsm8k_recipe_sweeps_on_the_cpu_overlay(home, tmp_path):
+    """A one-run local sweep of the paper's recipe (the sweep launcher runs ``main_ppo +recipe=tinylora_gsm8k``
+    with the user's overrides): validated before and after the step, checkpointed, collected into best_lr.csv."""
+    out = tmp_path / "sweep"
+    env = dict(home, TINYLORA_VERL_CACHE=str(default_cache_dir()))
+    proc = run_session([sys.executable, "-m", "tinylora_verl.apps.sweep", "--out", str(out),
+                        "--recipe", "tinylora_gsm8k", *(o for o in CPU_RUN if not o.startswith("trainer.save_freq")),
+                        "+hardware=cpu", "trainer.save_freq=1",
+                        f"trainer.rollout_data_dir={out / 'rollouts'}"], timeout=1800, env=env)
+    check_collected(out, proc)
+    run = out / "runs" / "b13_lr0.02_s0"
+    log = (out / "logs" / "b13_lr0.02_s0.log").read_text()
+    rows = [r for r in read_metrics(out / "metrics" / "b13_lr0.02_s0.jsonl") if "actor/tinylora/v_norm" in r]
+    check_run(log, rows, run, home["HOME"], "gsm8k")
+    rows = rollouts(out)
     assert len(rows) == 4 * 4
     answers = {json.loads(line)["answer"].split("####")[-1].strip().replace(",", "")
                for line in (ROOT.parent / "shared" / "data" / "gsm8k" / "train.jsonl").read_text().splitlines()}
@@ -98,7 +112,7 @@ def test_paper_gsm8k_recipe_runs_on_the_cpu_overlay(home, tmp_path):
 def test_paper_math_recipe_runs_on_the_cpu_overlay(home, tmp_path):
     # The overlay's four prompts x the recipe's 8 samples.
     result = run_shipped("tinylora_math", home, tmp_path / "math")
-    check_run(result, home["HOME"], "math")
+    check_run(result.log_text(), result.metrics, result.run_dir, home["HOME"], "math")
     assert "actor/kl_loss" in result.metrics[0], "the MATH recipe's KL to the actor-without-v reference is off"
     rows = rollouts(tmp_path / "math")
     assert len(rows) == 4 * 8
