@@ -3,7 +3,8 @@
 Sections: adapter overhead (forward+backward vs the frozen base, ours vs peft TinyLoRA and LoRA), the overhead of
 TinyLoRA alone in ABBA pairs against its own weights with the adapter off (the precise self ratio), injection time
 (top_r_svd vs full_svd on SmolLM2 and on Qwen2.5-7B-shaped weights), merge fidelity (bf16/fp16/fp32 by |v|),
-a profile of the hook when the overhead misses its goal, and end to end on CPU (``--e2e-run DIR``: TinyLoRA
+a profile of the hook when the overhead misses its goal, generation throughput of the merged, native and lora sync
+modes at a fixed token count in vLLM CPU (``decode``), and end to end on CPU (``--e2e-run DIR``: TinyLoRA
 with merged and lora sync beside verl's own LoRA r=8, phase by phase; ``make bench`` passes it) or from existing
 verl metrics JSONLs (``--e2e-metrics``, ``--e2e-compare``). ``--fast`` shrinks every benchmark to a few minutes (one batch size, 3 timed rounds, one
 7B-shaped layer extrapolated to 28).
@@ -20,10 +21,10 @@ from pathlib import Path
 
 import torch
 
-from . import e2e, fidelity, injection, overhead, overhead_ab, profiling
+from . import decode, e2e, fidelity, injection, overhead, overhead_ab, profiling
 from .common import Section, log, machine_info, package_versions, steady_allocator
 
-SECTIONS = ("overhead", "overhead-ab", "injection", "fidelity", "profile", "e2e")
+SECTIONS = ("overhead", "overhead-ab", "injection", "fidelity", "profile", "decode", "e2e")
 
 
 def machine_load() -> tuple[float, int]:
@@ -40,7 +41,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--fast", action="store_true", help="small settings: minutes, not an hour")
     p.add_argument("--out", default="docs/benchmarks.md", help="markdown report path (default: %(default)s)")
     p.add_argument("--json", default=None, help="also write every section's summary as JSON here")
-    p.add_argument("--only", default=",".join(SECTIONS[:5]),
+    p.add_argument("--only", default=",".join(SECTIONS[:6]),
                    help=f"comma-separated sections among {','.join(SECTIONS)} (default: %(default)s; "
                         "e2e runs whenever --e2e-metrics is given)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
@@ -57,6 +58,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="7B-shaped layers actually built, extrapolated to 28 (fast 1, full 3)")
     p.add_argument("--profile", choices=("auto", "always", "never"), default="auto",
                    help="profile the hook: auto = when TinyLoRA's overhead misses the 1.05x goal")
+    p.add_argument("--decode-work", default="outputs/bench_decode",
+                   help="decode: folder for the adapter's merged, LoRA and native forms (default: %(default)s)")
+    p.add_argument("--decode-rounds", type=int, default=None,
+                   help="decode: timed rounds per process (fast 1, full 3)")
+    p.add_argument("--decode-passes", type=int, default=None,
+                   help="decode: processes per mode, in mirrored passes (fast 1, full 4)")
     p.add_argument("--e2e-metrics", default=None, help="verl file-logger JSONL to summarize")
     p.add_argument("--e2e-compare", action="append", default=[], metavar="LABEL=JSONL",
                    help="verl metrics of runs to put side by side (repeat; the first is the reference)")
@@ -164,6 +171,12 @@ def headline(sections: dict[str, Section]) -> list[str]:
             if c["pattern"] == "random-sign" and c["dtype"] == "bfloat16":
                 out.append(f"bf16 merge, |v|={c['value']:g} random-sign: fidelity {c['fidelity']:.4f}, "
                            f"mean rel_error {c['mean_rel_error']:.3e}")
+    dec = sections.get("decode")
+    if dec:
+        r = dec.summary["ratios"]
+        out.append("generation at a fixed token count: " + ", ".join(f"{m} {x:.3f}x" for m, x in r.items())
+                   + f" merged's tokens/s (native goal ≥ {dec.summary['goal']}: "
+                   + f"{'met' if dec.summary['native_meets_goal'] else 'MISSED'})")
     e = sections.get("e2e")
     if e and "sync_bytes_over_floor" in e.summary:
         ratio = e.summary["sync_bytes_over_floor"]
@@ -255,6 +268,12 @@ def main(argv=None) -> int:
             sections[f"profile-{sec.summary['dtype']}"] = sec
         if not dtypes:
             log("profile: skipped (overhead goal met, or no overhead section; --profile always forces it)")
+    if "decode" in only:
+        from tinylora_verl.apps.models import prepare_smollm2
+
+        sections["decode"] = decode.run(str(prepare_smollm2()), args.decode_work,
+                                        rounds=args.decode_rounds or (1 if fast else 3),
+                                        passes=args.decode_passes or (1 if fast else 4))
     if "e2e" in only:
         if not (args.e2e_metrics or compare_runs):
             log("e2e: skipped (no --e2e-run DIR, --e2e-metrics PATH or --e2e-compare LABEL=PATH)")

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench import e2e, fidelity, injection, overhead, overhead_ab, profiling, run
+from bench import decode, e2e, fidelity, injection, overhead, overhead_ab, profiling, run
 from bench.common import Section, bootstrap_ci, git_commit, interleaved_times, paired_ratios
 from bench.autograd_hook import install
 from tinylora_verl.core.config import DEFAULT_TARGET_MODULES
@@ -428,3 +428,58 @@ def test_main_runs_the_verl_recipes_before_loading_any_model(tmp_path, monkeypat
         run.main(["--only", "fidelity", "--e2e-run", str(tmp_path / "runs"), "--out", str(tmp_path / "r.md"),
                   "--allocator", "default"])
     assert calls == ["recipes", "model"]
+
+
+def _decode_result(mode, tps):
+    return {"mode": mode, "tokens": 64, "round_s": [64 / tps] * 3, "startup_s": 1.0, "tokens_per_s": tps}
+
+
+def test_decode_section_ratios_to_merged_and_goal():
+    results = {m: _decode_result(m, tps) for m, tps in (("merged", 100.0), ("native", 96.0), ("lora", 50.0))}
+    sec = decode.section(results, {"budget": 13, "scale": 0.1}, prompts=2, samples=2, max_tokens=16, seconds=1.0)
+    check_section(sec, "decode")
+    torch.testing.assert_close(sec.summary["ratios"], {"merged": 1.0, "native": 0.96, "lora": 0.5})
+    assert sec.summary["native_meets_goal"] is True
+    results["native"] = _decode_result("native", 90.0)
+    sec = decode.section(results, {"budget": 13, "scale": 0.1}, prompts=2, samples=2, max_tokens=16, seconds=1.0)
+    assert sec.summary["native_meets_goal"] is False and any("MISSED" in n for n in sec.notes)
+    assert any("generation at a fixed token count" in h and "MISSED" in h for h in run.headline({"decode": sec}))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"modes": ("native", "lora")}, r"merged \(the reference\) must be among them"),
+    ({"modes": ("merged", "fused")}, r"\['merged', 'fused'\]: each must be one of"),
+    ({"rounds": 0}, r"rounds=0, .* must all be >= 1"),
+    ({"passes": 0}, r"passes=0, .* must all be >= 1"),
+])
+def test_decode_run_rejects_bad_settings(tmp_path, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        decode.run(str(tmp_path), tmp_path / "work", **kwargs)
+
+
+def test_decode_processes_run_in_mirrored_passes_and_pool_their_rounds():
+    assert decode.process_order(("merged", "native", "lora"), 3) == [
+        "merged", "native", "lora", "lora", "native", "merged", "merged", "native", "lora"]
+    pooled = decode.pool([dict(_decode_result("native", 64.0), round_s=[1.0, 3.0]),
+                          dict(_decode_result("native", 64.0), round_s=[2.0], startup_s=3.0)])
+    assert pooled["round_s"] == [1.0, 3.0, 2.0] and pooled["processes"] == 2
+    assert pooled["tokens_per_s"] == 64 / 2.0 and pooled["startup_s"] == 2.0
+
+
+def test_decode_prepare_writes_each_modes_form(tmp_path):
+    """What the three workers serve comes from one adapter: its merged and LoRA exports and the native stream."""
+    from tinylora_verl.core import native
+    from tinylora_verl.core.adapter_io import read_adapter
+
+    model_dir = tmp_path / "model"
+    factory(torch.float32).save_pretrained(model_dir)
+    meta = decode.prepare(str(model_dir), tmp_path / "work", budget=BUDGET, scale=0.1)
+    v, _ = read_adapter(str(tmp_path / "work" / "adapter.safetensors"))
+    torch.testing.assert_close(v.abs(), torch.full_like(v, 0.1))
+    assert meta["v"] == v.flatten().tolist()
+    payload = torch.load(tmp_path / "work" / "native.pt", weights_only=False)
+    assert [n for n, _ in payload["step"]] == [native.V_NAME, native.CHECK_NAME]
+    assert payload["checksum"] == native.v_checksum(v.float()) == int(payload["step"][1][1])
+    assert {native.parse_factor_name(n)[0] for n, _ in payload["install"]} and payload["rank"] == 2
+    assert list((tmp_path / "work" / "merged").glob("*.safetensors"))
+    assert (tmp_path / "work" / "lora" / "adapter_config.json").is_file()

@@ -180,14 +180,15 @@ def add_update(out: torch.Tensor, x: torch.Tensor, a: torch.Tensor, ut: torch.Te
     """``cast(out + (x Aᵀ) Ut)``, in float32 and rounded once into ``out``'s dtype (module doc).
 
     ``out`` (..., out_local), ``x`` (..., in_local). Branches only on dtypes, which are fixed when a graph is
-    traced; float32 activations skip the casts (each is a pass on the CPU's eager path)."""
+    traced; float32 activations skip the casts (each is a pass on the CPU's eager path), and a float32 ``out`` (the
+    layer's fresh GEMM output, owned by the caller) takes the update in place, sparing an allocation per layer."""
     x2 = x.reshape(-1, x.shape[-1])  # (tokens, in_local)
     if x2.dtype != torch.float32:
         x2 = x2.to(torch.float32)
     z = x2 @ a.T  # (tokens, n·R)
     out2 = out.reshape(-1, out.shape[-1])  # (tokens, out_local)
     if out.dtype == torch.float32:
-        return torch.addmm(out2, z, ut).view(out.shape)
+        return out2.addmm_(z, ut).view(out.shape)
     return torch.addmm(out2.to(torch.float32), z, ut).to(out.dtype).view(out.shape)
 
 
