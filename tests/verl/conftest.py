@@ -42,5 +42,6 @@ def ray_job(tmp_path_factory):
     # A short RAY_TMPDIR: Ray puts Unix sockets under it, and pytest paths overflow the 107-byte limit.
     env = dict(os.environ, PY=sys.executable, STEPS="1", OUT=str(out), RAY_DASHBOARD_PORT="8266",
                RAY_TMPDIR="/tmp/ray_submit_test", RUNTIME_ENV=str(work / "runtime_env.yaml"))
-    proc = run_session(["bash", str(SCRIPT), *FP32_ADAPTER_RUN, "trainer.save_freq=1", "trainer.logger=[console,file]"], env=env, timeout=1800)
+    proc = run_session(["bash", str(SCRIPT), *FP32_ADAPTER_RUN, "trainer.save_freq=1", "trainer.logger=[console,file]"],
+                       env=env, timeout=1800)
     return proc, out, read_metrics(metrics)

@@ -1,5 +1,6 @@
 """sync_mode=lora end to end on CPU: vLLM serves base + exact LoRA, on the same seeded adapter, prompts and seeds
-as a merged run, and the trainer/vLLM mismatch drops below the merged mode's.
+as a merged run (the session's Ray job, ``tests/verl/conftest.py``), and the trainer/vLLM mismatch drops below the
+merged mode's.
 
 Both engines compute in float32 on SmolLM2's bf16-exact weights, so kernel and activation-precision noise is
 ~1e-6 and what is left of the mismatch is the delivery of ΔW: merged sends ``bf16(W + ΔW)`` (the recipe's
@@ -26,7 +27,7 @@ def runs(tmp_path_factory, ray_job):
                          overrides=[*FP32_ADAPTER_RUN, "trainer.save_freq=-1"], timeout=1200, echo=True)
     assert res.returncode == 0, res.log_text()[-5000:]
     assert len(res.metrics) == 1
-    return {"merged": proc.stdout + proc.stderr, "lora": res, "metrics": {"merged": merged[0], "lora": res.metrics[0]}}
+    return {"lora": res, "metrics": {"merged": merged[0], "lora": res.metrics[0]}}
 
 
 def test_lora_sync_serves_the_adapter_through_vllms_lora(runs):
