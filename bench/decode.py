@@ -133,45 +133,37 @@ def section(results: dict[str, dict], meta: dict, prompts: int, samples: int, ma
 def worker(mode: str, work: Path, out: Path, model_dir: str, prompts: int, samples: int, max_tokens: int,
            rounds: int) -> dict:
     """One mode's engine: start it, deliver the adapter, one untimed round, then ``rounds`` timed ones."""
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     import torch
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams
 
     from tinylora_verl.tasks.data import GSM8K_SLICE_DIR
     from tinylora_verl.tasks.problems import load_benchmark
+    from tinylora_verl.verl.generation import VLLMBackend
 
     t0 = time.perf_counter()
-    kwargs = dict(dtype="float32", enforce_eager=True, max_model_len=1024, seed=0, max_num_seqs=64,
-                  distributed_executor_backend="uni", gpu_memory_utilization=0.3)
-    lora_request, served = None, model_dir
+    kwargs = dict(dtype="float32", max_model_len=1024, max_num_seqs=64, gpu_memory_utilization=0.3)
     if mode == "merged":
-        served = str(work / "merged")
+        backend = VLLMBackend(str(work / "merged"), **kwargs)
     elif mode == "lora":
-        from vllm.lora.request import LoRARequest
-
-        kwargs.update(enable_lora=True, max_lora_rank=8, max_loras=1)
-        lora_request = LoRARequest("tinylora", 1, str(work / "lora"))
+        backend = VLLMBackend(model_dir, lora_dir=str(work / "lora"), **kwargs)
     elif mode == "native":
         payload = torch.load(work / "native.pt", weights_only=False)
-        kwargs["additional_config"] = {"tinylora_native": {"rank": payload["rank"]}}
-    else:
-        raise ValueError(f"decode worker: mode {mode!r} is not one of {list(MODES)}")
-    llm = LLM(model=served, **kwargs)
-    if mode == "native":
-        held = llm.collective_rpc(_install, args=(payload["install"] + payload["step"],))[0]
+        backend = VLLMBackend(model_dir, additional_config={"tinylora_native": {"rank": payload["rank"]}}, **kwargs)
+        held = backend.llm.collective_rpc(_install, args=(payload["install"] + payload["step"],))[0]
         if held != payload["checksum"]:
             raise RuntimeError(f"native: the server holds checksum {held}, the adapter's is {payload['checksum']}")
+    else:
+        raise ValueError(f"decode worker: mode {mode!r} is not one of {list(MODES)}")
     startup = time.perf_counter() - t0
-    tok = llm.get_tokenizer()
-    texts = [tok.apply_chat_template(p.messages, tokenize=False, add_generation_prompt=True)
-             for p in load_benchmark("gsm8k", GSM8K_SLICE_DIR, "test", limit=prompts, prompt_style="oneshot")]
-    ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    ids = [backend.prompt_ids(p.messages)
+           for p in load_benchmark("gsm8k", GSM8K_SLICE_DIR, "test", limit=prompts, prompt_style="oneshot")]
     sp = SamplingParams(n=samples, temperature=1.0, max_tokens=max_tokens, min_tokens=max_tokens, ignore_eos=True)
     times, tokens = [], 0
     for i in range(rounds + 1):
         start = time.perf_counter()
-        outs = llm.generate([{"prompt_token_ids": x} for x in ids], sp, lora_request=lora_request, use_tqdm=False)
+        outs = backend.llm.generate([{"prompt_token_ids": x} for x in ids], sp, lora_request=backend.lora_request,
+                                    use_tqdm=False)
         elapsed = time.perf_counter() - start
         tokens = sum(len(c.token_ids) for o in outs for c in o.outputs)
         if tokens != prompts * samples * max_tokens:

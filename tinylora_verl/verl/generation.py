@@ -75,7 +75,8 @@ class VLLMBackend:
                                f"use --mode merged") from e
         self.tokenizer = self.llm.get_tokenizer()
 
-    def _prompt_ids(self, messages: list[dict]) -> list[int]:
+    def prompt_ids(self, messages: list[dict]) -> list[int]:
+        """``messages`` rendered with the chat template (generation prompt added) and tokenized once."""
         # Rendered and tokenized once here so that no backend adds a second BOS to a template that has one.
         text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -85,7 +86,7 @@ class VLLMBackend:
 
         sp = SamplingParams(n=decoding.n, temperature=decoding.temperature, top_p=decoding.top_p,
                             max_tokens=decoding.max_tokens)
-        prompts = [{"prompt_token_ids": self._prompt_ids(m)} for m in messages_list]
+        prompts = [{"prompt_token_ids": self.prompt_ids(m)} for m in messages_list]
         outs = self.llm.generate(prompts, sp, lora_request=self.lora_request, use_tqdm=True)
         return [[(c.text, len(c.token_ids)) for c in o.outputs] for o in outs]
 
