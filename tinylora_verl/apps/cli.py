@@ -181,10 +181,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--model", required=True, help="Base HF model folder.")
     ev.add_argument("--adapter", default=None, help="TinyLoRA adapter file; without it the base is evaluated.")
     ev.add_argument("--benchmarks", default="gsm8k",
-                    help="Comma-separated: gsm8k, math500, minerva_math, olympiadbench, aime24, amc23.")
+                    help="Comma-separated, of 8: gsm8k, math500, minerva_math, olympiadbench, aime24, amc23, "
+                         "gaokao2023en, college_math.")
     ev.add_argument("--data", action="append", default=[], metavar="NAME=SOURCE",
                     help="Per-benchmark local JSONL file, directory or hub id (repeatable).")
-    ev.add_argument("--data-dir", default=None, help="Folder with <name>.jsonl or <name>/<split>.jsonl per benchmark.")
+    ev.add_argument("--data-dir", default=None, help="Folder with <name>.jsonl or <name>/<split>.jsonl per benchmark "
+                                                     "(or <name>/test.jsonl: Qwen2.5-Math's evaluation/data).")
     ev.add_argument("--split", default=None, help="Dataset split for every benchmark (default: each one's own).")
     ev.add_argument("--limit", type=int, default=None, help="At most this many problems per benchmark.")
     ev.add_argument("--offset", type=int, default=0, help="Skip this many problems first.")

@@ -8,20 +8,27 @@ benchmark by the last ``\\boxed{}`` and math-verify.
 
 Sources, per benchmark (first that applies):
 
-* ``source`` given: a local ``.jsonl`` file, a directory holding ``<split>.jsonl`` (or ``<name>.jsonl``), or a
-  hub dataset id loaded with ``datasets.load_dataset(id, config, split=...)``;
+* ``source`` given: a local ``.jsonl`` file, a directory holding ``<split>.jsonl`` (or ``<name>.jsonl``; with no
+  ``split`` asked for, also ``test.jsonl``: the Qwen2.5-Math evaluation layout ``evaluation/data/<name>/test.jsonl``,
+  so that folder works as ``eval --data-dir`` for the benchmarks it holds, aime24 and gaokao2023en included, whose
+  hub split is ``train``), or a hub dataset id loaded with ``datasets.load_dataset(id, config, split=...)``;
 * GSM8K without ``source``: :func:`tinylora_verl.tasks.data.load_gsm8k_rows` (``$TINYLORA_VERL_GSM8K_DIR``, the shared
   checkout copy, then the hub);
 * any other benchmark without ``source``: its registered hub id (network needed).
 
 Row fields: GSM8K needs ``question``/``answer`` (reference solution ending in ``#### <n>``). MATH-style rows need a
 problem (``problem``, ``question`` or ``Problem``) and either a final answer (``answer``, ``final_answer``,
-``Answer``; a list takes its first element) or a ``solution`` with a ``\\boxed{}``.
+``Answer``; a list takes its first element) or a ``solution`` with a ``\\boxed{}``. A final answer loses its
+unescaped ``$`` math delimiters (``"$48$, $384$"`` -> ``"48, 384"``, like Qwen2.5-Math's ``parse_ground_truth`` for
+gaokao2023en and college_math, except that an escaped ``\\$`` stays). A row whose answer field is present but empty,
+with no ``solution``, cannot be graded and is left out (the others keep their source ``index``): Qwen2.5-Math's
+gaokao2023en file has two (ids ``HMMT2023General_9`` and ``052023SATS4_11``), so it yields 383 of its 385 rows.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,11 +69,18 @@ BENCHMARKS: dict[str, BenchmarkSpec] = {
         BenchmarkSpec("olympiadbench", "math-ai/olympiadbench", "test", "math"),
         BenchmarkSpec("aime24", "HuggingFaceH4/aime_2024", "train", "aime24"),
         BenchmarkSpec("amc23", "zwhe99/amc23", "test", "math"),
+        # Qwen2.5-Math evaluation/data/gaokao2023en/test.jsonl on the hub: one JSONL file, so its only split is "train".
+        # Verified: HF file page (Gaokao2023-Math-En.jsonl), public loaders (split train; question/answer/source/id).
+        BenchmarkSpec("gaokao2023en", "MARIO-Math-Reasoning/Gaokao2023-Math-En", "train", "math"),
+        # Qwen2.5-Math evaluation/data/college_math/test.jsonl (2818 rows) on the hub.
+        # Verified: HF viewer (split test, 2.82k rows) + public loaders (question/answer/data_topic/question_number).
+        BenchmarkSpec("college_math", "di-zhang-fdu/College_Math_Test", "test", "math"),
     )
 }
 
 _PROBLEM_FIELDS = ("problem", "question", "Problem", "Question")
 _ANSWER_FIELDS = ("answer", "final_answer", "Answer")
+_UNESCAPED_DOLLAR = re.compile(r"(?<!\\)\$")
 
 
 @dataclass(frozen=True)
@@ -108,6 +122,12 @@ def _first(row: dict, fields: tuple[str, ...]) -> Any:
     return None
 
 
+def _unanswered(row: dict) -> bool:
+    """A MATH-style row with a problem and a present but empty answer field, and no solution to fall back on."""
+    return (_first(row, _PROBLEM_FIELDS) is not None and any(f in row for f in _ANSWER_FIELDS)
+            and _first(row, _ANSWER_FIELDS) is None and not isinstance(row.get("solution"), str))
+
+
 def _math_problem(spec: BenchmarkSpec, index: int, row: dict, split: str, prompt_style: str = "verl") -> Problem:
     problem = _first(row, _PROBLEM_FIELDS)
     answer = _first(row, _ANSWER_FIELDS)
@@ -116,7 +136,7 @@ def _math_problem(spec: BenchmarkSpec, index: int, row: dict, split: str, prompt
                          f"{list(_ANSWER_FIELDS) + ['solution']}; found fields {sorted(row)}")
     # math_record takes the answer from a solution's last \boxed{}; a bare final answer is boxed so that the
     # prompt and ground-truth extraction stay in one place (data.py).
-    solution = row["solution"] if answer is None else "\\boxed{" + str(answer).strip().strip("$").strip() + "}"
+    solution = row["solution"] if answer is None else "\\boxed{" + _UNESCAPED_DOLLAR.sub("", str(answer)).strip() + "}"
     rec = math_record(str(problem), solution, split, index, spec.data_source)
     return Problem(spec.name, index, rec["prompt"], rec["reward_model"]["ground_truth"], spec.data_source)
 
@@ -128,13 +148,15 @@ def _gsm8k_problem(spec: BenchmarkSpec, index: int, row: dict, split: str, promp
     return Problem(spec.name, index, rec["prompt"], rec["reward_model"]["ground_truth"], spec.data_source)
 
 
-def _load_rows(spec: BenchmarkSpec, source: str | os.PathLike | None, split: str) -> list[dict]:
+def _load_rows(spec: BenchmarkSpec, source: str | os.PathLike | None, split: str,
+               split_given: bool = True) -> list[dict]:
     if source is None and spec.is_gsm8k:
         return load_gsm8k_rows(None, split, log=lambda _: None)
     if source is not None:
         path = Path(source).expanduser()
         if path.is_dir():
-            candidates = [path / f"{split}.jsonl", path / f"{spec.name}.jsonl"]
+            names = [f"{split}.jsonl", f"{spec.name}.jsonl"] + ([] if split_given else ["test.jsonl"])
+            candidates = [path / n for n in dict.fromkeys(names)]
             found = [c for c in candidates if c.is_file()]
             if not found:
                 raise FileNotFoundError(f"{spec.name}: directory {str(path)!r} has neither "
@@ -164,10 +186,13 @@ def load_benchmark(name: str, source: str | os.PathLike | None = None, split: st
         raise ValueError(f"prompt_style={prompt_style!r} is not supported; expected one of {sorted(GSM8K_INSTRUCTIONS)}")
     if prompt_style != "verl" and not spec.is_gsm8k:
         raise ValueError(f"prompt_style={prompt_style!r} applies to gsm8k only; {name!r} uses the boxed-answer prompt")
+    split_given = bool(split)
     split = split or spec.split
-    rows = _load_rows(spec, source, split)
+    rows = list(enumerate(_load_rows(spec, source, split, split_given)))
+    if not spec.is_gsm8k:
+        rows = [(i, row) for i, row in rows if not _unanswered(row)]
     make = _gsm8k_problem if spec.is_gsm8k else _math_problem
-    return [make(spec, i, row, split, prompt_style) for i, row in Subset(limit=limit, offset=offset).select(rows)]
+    return [make(spec, i, row, split, prompt_style) for _, (i, row) in Subset(limit=limit, offset=offset).select(rows)]
 
 
 __all__ = ["BENCHMARKS", "BenchmarkSpec", "Problem", "get_spec", "load_benchmark", "parse_benchmarks"]
