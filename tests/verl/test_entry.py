@@ -73,6 +73,43 @@ def test_hardware_before_the_recipe_fails_loudly():
         entry.check_driver(["+hardware=cpu", "+recipe=tinylora_gsm8k"])
 
 
+@pytest.mark.parametrize("argv, program", [
+    (["+recipe=tinylora_gsm8k_sft"], "/venv/site-packages/verl/trainer/sft_trainer.py"),
+    (["+recipe=tinylora_gsm8k_sft", "+hardware=cpu_sft"], "/venv/site-packages/verl/trainer/sft_trainer.py"),
+    (["+recipe=tinylora_gsm8k", "+hardware=cpu"], "/venv/site-packages/verl/trainer/main_ppo.py"),
+    (["+recipe=tinylora_gsm8k_sft"], "/usr/bin/some_launcher"),
+])
+def test_check_driver_accepts_each_recipe_under_its_trainer(argv, program):
+    assert entry.check_driver(argv, program=program) == argv[0].split("=")[1]
+
+
+@pytest.mark.parametrize("argv, program, bad, needed", [
+    (["+recipe=tinylora_gsm8k_sft"], "/v/verl/trainer/main_ppo.py", "recipe=tinylora_gsm8k_sft", "sft_trainer"),
+    (["+recipe=tinylora_gsm8k"], "/v/verl/trainer/sft_trainer.py", "recipe=tinylora_gsm8k", "main_ppo"),
+    (["+recipe=tinylora_gsm8k_sft", "+hardware=cpu"], "/v/verl/trainer/sft_trainer.py", "hardware=cpu", "main_ppo"),
+    (["+recipe=tinylora_gsm8k", "+hardware=cpu_sft"], "/v/verl/trainer/main_ppo.py", "hardware=cpu_sft",
+     "sft_trainer"),
+])
+def test_a_recipe_for_the_other_trainer_fails_loudly(argv, program, bad, needed):
+    with pytest.raises(SystemExit, match=rf"\+{bad} is written for verl.trainer.{needed}, but this is "
+                                         rf"{program}; .* would run its defaults"):
+        entry.check_driver(argv, program=program)
+
+
+def test_main_ppo_refuses_an_sft_recipe():
+    """Under `python -m`, sys.argv[0] is still "-m" inside `import verl`; the check reads sys.orig_argv."""
+    out = subprocess.run([sys.executable, "-m", "verl.trainer.main_ppo", "+recipe=tinylora_gsm8k_sft", "--cfg", "job"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0
+    assert ("+recipe=tinylora_gsm8k_sft is written for verl.trainer.sft_trainer, but this is verl.trainer.main_ppo"
+            in out.stderr), out.stderr[-2000:]
+
+
+def test_cpu_sft_overlay_switches_the_cpu_platform_on():
+    assert "cpu_sft" in entry.CPU_HARDWARE and entry.is_sft("cpu_sft") and entry.is_sft("tinylora_gsm8k_sft")
+    assert not entry.recipe_needs_cpu("tinylora_gsm8k_sft")
+
+
 def test_main_ppo_refuses_an_unknown_recipe():
     """The guard runs inside `import verl` in the real driver and stops the run before Hydra composes."""
     out = subprocess.run([sys.executable, "-m", "verl.trainer.main_ppo", "+recipe=tinylora_nope", "--cfg", "job"],

@@ -182,3 +182,35 @@ def test_an_unlisted_key_fails_too():
                                                          "actor_rollout_ref.rollout.top_k=5"))
     with pytest.raises(AssertionError, match=r"not listed as hardware-bound: \['actor_rollout_ref.rollout.top_k'\]"):
         assert_hardware_only(changed)
+
+
+# ---------------------------------------------------------------------------------------------- SFT overlay
+
+# The SFT trainer's hardware-bound keys (its config tree: model / engine / optim / data / trainer).
+SFT_HARDWARE_KEYS = {
+    "trainer.device", "trainer.n_gpus_per_node", "trainer.nnodes", "data.num_workers",
+    "model.path", "model.override_config.attn_implementation", "model.use_remove_padding",
+    "model.enable_gradient_checkpointing", "engine.use_torch_compile",
+    "data.max_length", "data.train_batch_size", "data.micro_batch_size_per_gpu", "data.use_dynamic_bsz",
+    "trainer.total_training_steps", "trainer.total_epochs", "trainer.save_freq", "trainer.test_freq",
+    "engine.model_dtype", "engine.mixed_precision.param_dtype", "engine.mixed_precision.reduce_dtype",
+    "engine.mixed_precision.buffer_dtype",
+    "trainer.default_local_dir",
+}
+SFT_PROTECTED = ("tinylora", "model.lora", "model.external_lib", "optim", "data.train_files", "data.val_files",
+                 "data.messages_key", "engine.strategy")
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_cpu_sft_overlay_changes_only_hardware_keys(dtype, monkeypatch):
+    from tests.verl.test_recipes import compose_sft
+
+    monkeypatch.setenv("TINYLORA_VERL_CPU_DTYPE", dtype)
+    a = leaves(OmegaConf.to_container(compose_sft("+recipe=tinylora_gsm8k_sft"), resolve=True))
+    b = leaves(OmegaConf.to_container(compose_sft("+recipe=tinylora_gsm8k_sft", "+hardware=cpu_sft"), resolve=True))
+    missing = object()
+    changed = {k for k in set(a) | set(b) if a.get(k, missing) != b.get(k, missing)}
+    protected = sorted(k for k in changed if any(k == p or k.startswith(p + ".") for p in SFT_PROTECTED))
+    assert not protected, f"the overlay changes what the recipe fixes: {protected}"
+    assert not sorted(changed - SFT_HARDWARE_KEYS), f"unlisted keys: {sorted(changed - SFT_HARDWARE_KEYS)}"
+    assert "model.path" in changed and "trainer.device" in changed

@@ -23,6 +23,7 @@ REQUIRED_VERL_INTERNALS: tuple[tuple[str, str], ...] = (
     ("verl.plugin.platform.platform_manager", "get_platform"),
     ("verl.utils.device", "is_support_ipc"),
     ("verl.utils.distributed", "initialize_global_process_group_ray"),
+    ("verl.utils.distributed", "initialize_global_process_group"),
     ("verl.workers.engine_workers", "initialize_global_process_group_ray"),
     ("verl.workers.engine.base", "EngineRegistry.get_engine_cls"),
     ("verl.workers.rollout.replica", "RolloutReplicaRegistry.register"),

@@ -5,8 +5,12 @@ In the driver (``python -m verl.trainer.main_ppo +recipe=NAME ...``) it
 - checks that ``NAME`` is one of this package's recipes (and a ``+hardware=HW`` overlay one of its overlays,
   placed after the recipe) and that the Hydra search-path plugin that makes them resolvable is importable;
   otherwise Hydra would add ``recipe: NAME`` as a plain string and verl would quietly train its defaults;
-- switches the CPU platform on for ``+hardware=cpu`` and for recipes that include ``/hardware/cpu`` (the driver
-  decides the device before Ray starts, so the overlay's ``runtime_env`` is too late for this process).
+- checks that an SFT recipe or overlay (``*_sft``: verl's SFT trainer's config tree) runs under
+  ``verl.trainer.sft_trainer`` and the others under ``main_ppo``: composed into the wrong trainer, its keys land
+  beside the ones that trainer reads, and it too would run its defaults;
+- switches the CPU platform on for ``+hardware=cpu`` / ``+hardware=cpu_sft`` and for recipes that include either (the
+  driver decides the device before Ray starts, so the overlay's ``runtime_env`` is too late for this process; the
+  SFT trainer has no Ray and runs in this process).
 
 In every other process (Ray workers: the TaskRunner that builds the rollout replicas among them) it registers
 TinyLoRA's vLLM replica under verl's ``vllm`` rollout name (:mod:`tinylora_verl.verl.native.server`): verl's
@@ -33,7 +37,10 @@ from typing import Optional, Sequence
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "hydra_configs"
 CPU_DTYPE_RESOLVER = "tinylora_cpu_dtype"
 _GROUP_ARG = re.compile(r"^\+{0,2}(?P<group>recipe|hardware)=(?P<name>[\w\-./]+)$")
-CPU_HARDWARE = "cpu"
+# The overlays that run on the CPU platform: main_ppo's and the SFT trainer's (their config trees differ).
+CPU_HARDWARE = ("cpu", "cpu_sft")
+# Recipes and overlays for verl's SFT trainer end with this.
+SFT_SUFFIX = "_sft"
 
 
 def config_dir(group: str = "recipe") -> Path:
@@ -95,14 +102,52 @@ def recipe_hardware(name: str) -> set[str]:
 
 
 def recipe_needs_cpu(name: str) -> bool:
-    """True when the recipe (or one it includes) composes the ``/hardware/cpu`` overlay."""
-    return CPU_HARDWARE in recipe_hardware(name)
+    """True when the recipe (or one it includes) composes a CPU hardware overlay (``/hardware/cpu``, ``cpu_sft``)."""
+    return bool(recipe_hardware(name) & set(CPU_HARDWARE))
 
 
-def check_driver(argv: Sequence[str]) -> Optional[str]:
+def is_sft(config_name: str) -> bool:
+    """Whether a recipe or hardware overlay is written for verl's SFT trainer (its config tree is not main_ppo's)."""
+    return config_name.endswith(SFT_SUFFIX)
+
+
+def launched_program() -> str:
+    """The script or ``-m`` module this process runs. Inside ``import verl`` under ``python -m verl.trainer.X``,
+    ``sys.argv[0]`` is still ``"-m"`` (runpy imports the parent packages first), so the module comes from
+    ``sys.orig_argv``."""
+    if sys.argv and sys.argv[0] not in ("-m", "-c", ""):
+        return sys.argv[0]
+    orig = list(getattr(sys, "orig_argv", []))
+    for flag, value in zip(orig, orig[1:]):
+        if flag == "-m":
+            return value
+    return ""
+
+
+def trainer_of(program: str) -> Optional[str]:
+    """``"sft"`` for verl's SFT trainer, ``"ppo"`` for ``main_ppo`` (a script path or a ``-m`` module name),
+    ``None`` for anything else (not checked)."""
+    leaf = Path(program).stem if program.endswith(".py") else program.rsplit(".", 1)[-1]
+    return {"sft_trainer": "sft", "main_ppo": "ppo"}.get(leaf)
+
+
+def _check_trainer(program: str, **configs: Optional[str]) -> None:
+    trainer = trainer_of(program)
+    if trainer is None:
+        return
+    for group, config in configs.items():
+        if config is not None and is_sft(config) != (trainer == "sft"):
+            needed = "verl.trainer.sft_trainer" if is_sft(config) else "verl.trainer.main_ppo"
+            raise SystemExit(f"tinylora_verl: +{group}={config} is written for {needed}, but this is "
+                             f"{program}; its keys would not reach the trainer, which would run its defaults")
+
+
+def check_driver(argv: Sequence[str], program: str = "") -> Optional[str]:
     """Validate ``+recipe=`` / ``+hardware=`` arguments; return the recipe name, or raise ``SystemExit`` saying what
     is wrong. A hardware overlay must come after the recipe: Hydra applies appended configs in command-line order, so
-    a recipe listed later would put its own model, batch sizes and lengths back over the overlay's."""
+    a recipe listed later would put its own model, batch sizes and lengths back over the overlay's. ``program``
+    (``sys.argv[0]``) names the trainer: SFT recipes and overlays (``*_sft``) run only under verl's SFT trainer, the
+    others only under ``main_ppo``."""
     name, recipe_at = _requested(argv, "recipe")
     hardware, hardware_at = _requested(argv, "hardware")
     if name is not None and not name.startswith("tinylora"):
@@ -111,6 +156,7 @@ def check_driver(argv: Sequence[str]) -> Optional[str]:
         return None
     if name is not None and name not in available_recipes():
         raise SystemExit(f"tinylora_verl: unknown recipe {name!r}; this installation ships {available_recipes()}")
+    _check_trainer(program, recipe=name, hardware=hardware if hardware in available_hardware() else None)
     if hardware is not None:
         if hardware not in available_hardware():
             raise SystemExit(f"tinylora_verl: unknown hardware overlay {hardware!r} (+hardware={hardware}); this "
@@ -141,7 +187,7 @@ def searchpath_plugin_discovered() -> bool:
 
 
 def _activate_cpu_if_requested(name: Optional[str], hardware: Optional[str]) -> None:
-    if hardware != CPU_HARDWARE and (name is None or not recipe_needs_cpu(name)):
+    if hardware not in CPU_HARDWARE and (name is None or not recipe_needs_cpu(name)):
         return
     os.environ.setdefault("TINYLORA_VERL_CPU", "1")
     from .cpu import platform
@@ -168,7 +214,7 @@ def register_rollout() -> bool:
 
 def _main() -> None:
     register_resolvers()
-    name = check_driver(sys.argv[1:])
+    name = check_driver(sys.argv[1:], program=launched_program())
     hardware = requested_hardware(sys.argv[1:])
     if name is None and hardware is None:
         # Not a main_ppo launch with a TinyLoRA recipe (the driver builds no replica and must fail fast).

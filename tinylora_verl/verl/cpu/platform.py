@@ -13,8 +13,9 @@ verl / vLLM internals it touches, and why:
   cuda/npu/rocm and falls back to "nvidia" (torch.cuda) without a GPU; this gives it a real CPU platform.
 - ``verl.plugin.platform.PlatformBase``: the interface the CPU platform implements.
 - ``verl.utils.distributed.initialize_global_process_group_ray`` (patched, also its binding in
-  ``verl.workers.engine_workers``): its default backend ``cpu:gloo,<device>:<backend>`` is
-  ``cpu:gloo,cpu:gloo`` on CPU, which torch rejects as a duplicate device type.
+  ``verl.workers.engine_workers``) and ``initialize_global_process_group`` (torchrun's, the SFT trainer's; it
+  imports it inside ``run_sft``, so the module attribute is enough): their backend ``cpu:gloo,<device>:<backend>``
+  is ``cpu:gloo,cpu:gloo`` on CPU, which torch rejects as a duplicate device type.
 - ``verl.workers.engine.base.EngineRegistry`` via its own ``VERL_ENGINE_DEVICE``/``VERL_ENGINE_VENDOR``
   env knobs (set only if unset): FSDP engines are registered for cuda/npu, so the CPU process resolves
   the cuda entries, which keeps any engine subclass registered for ("cuda", "nvidia") (TinyLoRA's).
@@ -37,6 +38,7 @@ import logging
 import os
 import sys
 from contextlib import contextmanager
+from datetime import timedelta
 from typing import Optional
 
 from ..compat import check_verl_internals, require_verl_version
@@ -214,10 +216,27 @@ def _patch_process_group_init() -> None:
     initialize_global_process_group_ray._tinylora_cpu = True
     initialize_global_process_group_ray.__wrapped__ = original
     dist_utils.initialize_global_process_group_ray = initialize_global_process_group_ray
+    dist_utils.initialize_global_process_group = _torchrun_process_group_init(
+        dist_utils.initialize_global_process_group)
     workers = sys.modules.get("verl.workers.engine_workers")
     if workers is not None:
         # Rebind the copy engine_workers took with `from ... import` if it was imported before us.
         workers.initialize_global_process_group_ray = initialize_global_process_group_ray
+
+
+def _torchrun_process_group_init(original):
+    """verl's torchrun-side init (the SFT trainer's) with gloo alone; its backend string has the same duplicate."""
+
+    def initialize_global_process_group(timeout_second=36000):
+        import torch.distributed
+
+        torch.distributed.init_process_group(backend="gloo", timeout=timedelta(seconds=timeout_second),
+                                             init_method=os.environ.get("DIST_INIT_METHOD", None))
+        return int(os.environ["LOCAL_RANK"]), int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+
+    initialize_global_process_group._tinylora_cpu = True
+    initialize_global_process_group.__wrapped__ = original
+    return initialize_global_process_group
 
 
 def _load_cpu_vllm_replica():
