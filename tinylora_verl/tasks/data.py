@@ -30,6 +30,8 @@ Where GSM8K comes from when ``src`` is ``None`` (first hit wins):
 ``src="slice"`` selects the bundled MIT-licensed first 256 train / 256 test rows (:data:`GSM8K_SLICE_DIR`) for
 offline demos; it is never picked silently, so a full run cannot end up training on 256 rows by accident.
 
+Synthetic arithmetic: :func:`prepare_arithmetic` writes the rows of :mod:`tinylora_verl.tasks.arithmetic`.
+
 Subsets are deterministic: with ``seed`` the rows are shuffled by ``random.Random(seed)``, then
 ``rows[offset:offset + limit]`` is taken. Torch-free on purpose: runs on a driver without a GPU stack.
 """
@@ -45,11 +47,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tinylora_verl.tasks.rewards import last_boxed_content
+from tinylora_verl.tasks import arithmetic
+from tinylora_verl.tasks.rewards import GSM8K_INSTRUCTION, last_boxed_content
 
 GSM8K_DATA_SOURCE = "openai/gsm8k"
 GSM8K_HUB_CONFIG = "main"
-GSM8K_INSTRUCTION = 'Let\'s think step by step and output the final answer after "####".'
 # Prompt styles: "verl" is verl's own GSM8K instruction (the paper's setup). "explicit" spells the answer format
 # out; SmolLM2-135M ends ~10% of samples at T=1 with a "####" answer under it vs ~4% under "verl" (64 train
 # problems x 4 samples, 256 tokens), which is what gives its GRPO groups reward variance on CPU.
@@ -292,12 +294,31 @@ def prepare_math(jsonl: str | os.PathLike, out_path: str | os.PathLike, split: s
     return path
 
 
+# ---------------------------------------------------------------------------------------------- arithmetic
+
+
+def prepare_arithmetic(preset: str, out_dir: str | os.PathLike, seed: int = 0, train_size: int = 1000,
+                       test_size: int = 200, prompt_style: str = "oneshot", log: Log = print) -> dict[str, Path]:
+    """Write :func:`tinylora_verl.tasks.arithmetic.build_files` into ``out_dir``; returns ``{file name: path}``."""
+    log(f"[tinylora_verl.tasks.data] arithmetic: preset {preset!r} = {arithmetic.resolve_task(preset)}, seed {seed}")
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for name, rows in arithmetic.build_files(preset, seed, train_size, test_size, prompt_style).items():
+        paths[name] = Path(out_dir) / name
+        if name.endswith(".jsonl"):
+            paths[name].write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        else:
+            write_parquet(rows, paths[name])
+        log(f"[tinylora_verl.tasks.data] arithmetic: wrote {len(rows)} rows to {paths[name]}")
+    return paths
+
+
 # ---------------------------------------------------------------------------------------------- CLI
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tinylora_verl.tasks.data", description="Write verl RL parquet files.")
-    sub = parser.add_subparsers(dest="dataset", required=True, metavar="{gsm8k,math}")
+    sub = parser.add_subparsers(dest="dataset", required=True, metavar="{gsm8k,math,arithmetic}")
 
     def add_subset_flags(p: argparse.ArgumentParser) -> None:
         p.add_argument("--limit", type=int, default=None, help="keep at most this many rows per split (default: all)")
@@ -323,13 +344,26 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--data-source", default=MATH_DATA_SOURCE,
                    help=f"data_source column; selects the reward (default: {MATH_DATA_SOURCE})")
     add_subset_flags(m)
+
+    a = sub.add_parser("arithmetic", help="synthetic integer arithmetic with worked solutions (RL, SFT and eval files)")
+    a.add_argument("--preset", default=arithmetic.DEFAULT_PRESET, choices=sorted(arithmetic.PRESETS),
+                   help=f"problem family and difficulty (default: {arithmetic.DEFAULT_PRESET})")
+    a.add_argument("--seed", type=int, default=0, help="random.Random seed of both splits' draws (default: 0)")
+    a.add_argument("--out-dir", required=True, help="writes train/test.parquet, sft_train/sft_val.parquet, test.jsonl")
+    a.add_argument("--train-size", type=int, default=1000, help="train problems (default: 1000)")
+    a.add_argument("--test-size", type=int, default=200, help="test problems (default: 200)")
+    a.add_argument("--prompt-style", default="oneshot", choices=arithmetic.PROMPT_STYLES,
+                   help="a worked example as an earlier chat turn (default), or the question alone")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry: ``python -m tinylora_verl.tasks.data gsm8k --out-dir ~/data/gsm8k --limit 256``."""
     args = build_parser().parse_args(argv)
-    if args.dataset == "gsm8k":
+    if args.dataset == "arithmetic":
+        prepare_arithmetic(args.preset, args.out_dir, seed=args.seed, train_size=args.train_size,
+                           test_size=args.test_size, prompt_style=args.prompt_style)
+    elif args.dataset == "gsm8k":
         prepare_gsm8k(args.src, args.out_dir, splits=args.splits, limit=args.limit, offset=args.offset,
                       seed=args.seed, prompt_style=args.prompt_style)
     else:

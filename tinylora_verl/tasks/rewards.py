@@ -11,7 +11,7 @@ stacks each key across the batch into ``reward_extra_info``.
 
 Scoring, with ``score`` (default 1.0) and ``format_score`` (default 0.0):
 
-* ``strict`` (GSM8K default): the last ``#### <number>`` in the tail of the response.
+* ``strict`` (GSM8K and ``tinylora/arithmetic`` default): the last ``#### <number>`` in the tail of the response.
 * ``lenient`` (alias ``flexible``, verl's name): the last number in the tail.
 * ``boxed`` (MATH default): the last ``\\boxed{...}`` in the tail, judged against the ground truth by math-verify.
 
@@ -53,7 +53,11 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 METHODS = ("auto", "strict", "lenient", "flexible", "boxed")
+# verl's GSM8K instruction: it asks for what the strict grader reads (re-exported by tinylora_verl.tasks.data).
+GSM8K_INSTRUCTION = 'Let\'s think step by step and output the final answer after "####".'
 GSM8K_DATA_SOURCES = ("openai/gsm8k", "gsm8k")
+# Synthetic integer arithmetic (tinylora_verl.tasks.arithmetic): worked solutions end in "#### <n>" like GSM8K.
+ARITHMETIC_DATA_SOURCE = "tinylora/arithmetic"
 MATH_DATA_SOURCES = (
     "DigitalLearningGmbH/MATH-lighteval", "lighteval/MATH", "HuggingFaceH4/MATH-500", "math", "math_dapo",
 )
@@ -350,13 +354,16 @@ def resolve_method(data_source: Any, method: str = "auto") -> str:
     if method != "auto":
         return method
     if isinstance(data_source, str):
+        if data_source == ARITHMETIC_DATA_SOURCE:
+            return "strict"
         if data_source in GSM8K_DATA_SOURCES or "gsm8k" in data_source.lower():
             return "strict"
         if data_source in MATH_DATA_SOURCES or data_source.startswith("aime"):
             return "boxed"
     raise ValueError(
         f"data_source={data_source!r} has no default reward; expected a GSM8K source {GSM8K_DATA_SOURCES}, "
-        f"a MATH source {MATH_DATA_SOURCES} or 'aime*', or pass method= one of {METHODS[1:]}"
+        f"{ARITHMETIC_DATA_SOURCE!r}, a MATH source {MATH_DATA_SOURCES} or 'aime*', or pass method= one of "
+        f"{METHODS[1:]}"
     )
 
 
