@@ -40,6 +40,13 @@ COVERAGE = [
     (r"bash bench/gpu_wheels\.sh", ["tests/test_gpu_smoke.py::test_wheel_script_lists_what_the_smoke_imports"]),
     (r"python -m bench\.gpu_smoke --markdown docs/gpu\.md", ["tests/test_gpu_smoke.py::test_gpu_smoke_runs_on_a_gpu"]),
     (r"python -m bench\.gpu_smoke --cpu", ["tests/test_gpu_smoke.py::test_gpu_smoke_runs_on_the_cpu"]),
+    (r"tinylora-verl data gsm8k --sft --out-dir ~/data/gsm8k_sft",
+     ["tests/tasks/test_data.py::test_gsm8k_sft_rows_are_the_rl_prompt_then_the_solution",
+      "tests/verl/test_shipped_recipes_e2e.py::test_sft_recipe_trains_v_through_verls_sft_trainer_on_the_cpu_overlay"]),
+    (r"(\.venv/bin/)?torchrun --standalone --nproc_per_node=\d -m verl\.trainer\.sft_trainer \+recipe=tinylora_gsm8k_sft"
+     r"( \+hardware=cpu_sft)?",
+     ["tests/verl/test_recipes.py::test_sft_recipe_composes_and_passes_verl_validation",
+      "tests/verl/test_shipped_recipes_e2e.py::test_sft_recipe_trains_v_through_verls_sft_trainer_on_the_cpu_overlay"]),
     (r"tinylora-verl data gsm8k --out-dir ~/data/gsm8k( --prompt-style oneshot)?",
      ["tests/apps/test_cli.py::test_data_subcommand_writes_parquet", "tests/tasks/test_data.py::test_gsm8k_prompt_styles"]),
     (r"python -m verl\.trainer\.main_ppo \+recipe=tinylora_gsm8k",

@@ -454,3 +454,41 @@ def test_gsm8k_oneshot_prompt_is_a_worked_example_turn():
     prompt = gsm8k_record("Q?", "#### 7", "train", 0, prompt_style="oneshot")["prompt"]
     assert [m["role"] for m in prompt] == ["user", "assistant", "user"]
     assert prompt[1]["content"].endswith("#### 42") and prompt[2]["content"] == "Q? " + GSM8K_INSTRUCTION
+
+
+# ---------------------------------------------------------------------------------------------- SFT rows
+
+
+def test_gsm8k_sft_rows_are_the_rl_prompt_then_the_solution(tmp_path, capsys):
+    assert main(["gsm8k", "--src", "slice", "--out-dir", str(tmp_path), "--splits", "train", "--limit", "3",
+                 "--prompt-style", "oneshot", "--sft"]) == 0
+    assert "wrote 3 SFT rows" in capsys.readouterr().out
+    sft = pd.read_parquet(tmp_path / "train.parquet")
+    assert list(sft.columns) == ["messages", "data_source", "extra_info"]
+    prepare_gsm8k("slice", tmp_path / "rl", splits="train", limit=3, prompt_style="oneshot", log=QUIET)
+    rl = _read(tmp_path / "rl" / "train.parquet")
+    for (_, s), (_, r) in zip(sft.iterrows(), rl.iterrows()):
+        messages = list(s["messages"])
+        assert [dict(m) for m in messages[:-1]] == [dict(m) for m in r["prompt"]]
+        reply = messages[-1]
+        answer = r["extra_info"]["answer"]
+        assert reply["role"] == "assistant" and "<<" not in reply["content"] and "<<" in answer
+        assert reply["content"] == re.sub(r"<<[^<>]*>>", "", answer)
+        assert reply["content"].rsplit("####", 1)[1].strip().replace(",", "") == r["reward_model"]["ground_truth"]
+
+
+def test_gsm8k_sft_rows_read_by_verls_sft_dataset(tmp_path, tiny_tokenizer):
+    """verl's MultiTurnSFTDataset (what sft_trainer builds) reads the rows: the loss covers the solution only."""
+    from omegaconf import OmegaConf
+    from verl.utils.dataset.multiturn_sft_dataset import MultiTurnSFTDataset
+
+    prepare_gsm8k("slice", tmp_path, splits="train", limit=2, log=QUIET, sft=True)
+    config = OmegaConf.create({"max_length": 1024, "truncation": "error", "messages_key": "messages",
+                               "pad_mode": "no_padding"})
+    ds = MultiTurnSFTDataset(parquet_files=str(tmp_path / "train.parquet"), tokenizer=tiny_tokenizer, config=config)
+    item = ds[0]
+    ids, mask = item["input_ids"], item["loss_mask"]
+    # The word-level tokenizer knows the slice's question words only; the rest decodes as <unk>.
+    learned = tiny_tokenizer.decode(ids[mask.bool()])
+    assert learned.startswith("Natalia sold") and "72 clips altogether in April and May." in learned
+    assert "How many" not in learned and "step by step" not in learned

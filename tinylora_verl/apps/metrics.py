@@ -68,10 +68,23 @@ def series(rows: Iterable[dict], keys: Optional[Sequence[str]] = None, strip_pre
     return out
 
 
+def _flat(value) -> list[float]:
+    if isinstance(value, (list, tuple)):
+        return [x for item in value for x in _flat(item)]
+    return [float(value)]
+
+
+def scalar(value) -> float:
+    """A logged metric as one number: verl's SFT trainer logs the engine's per-step metrics unreduced, as nested
+    lists of each data-parallel rank's value (identical for v), where ``main_ppo`` logs their mean."""
+    values = _flat(value)
+    return sum(values) / len(values)
+
+
 def v_values(row: dict) -> list[float]:
     """The step's v values (``[actor/]tinylora/v_<i>``), in index order."""
     items = sorted((int(m.group(2)), v) for k, v in row.items() if (m := _V_KEY.search(k)))
-    return [v for _, v in items]
+    return [scalar(v) for _, v in items]
 
 
 def first_and_last(path: str | os.PathLike, metric: str) -> tuple[Optional[float], Optional[float]]:

@@ -42,6 +42,7 @@ import argparse
 import json
 import os
 import random
+import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -134,6 +135,21 @@ def gsm8k_record(question: str, answer: str, split: str, index: int, prompt_styl
         "reward_model": {"style": "rule", "ground_truth": extract_gsm8k_ground_truth(answer)},
         "extra_info": {"split": split, "index": index, "answer": answer, "question": question},
     }
+
+
+# GSM8K solutions carry calculator annotations ("48/2 = <<48/2=24>>24") that are not text a model should learn to
+# write; SFT rows drop them.
+_CALCULATOR_ANNOTATION = re.compile(r"<<[^<>]*>>")
+
+
+def gsm8k_sft_record(question: str, answer: str, split: str, index: int, prompt_style: str = "verl") -> dict:
+    """One row for verl's SFT trainer: ``messages`` = the RL row's prompt, then the reference solution (calculator
+    annotations removed, ``#### <answer>`` kept) as the assistant turn; ``data_source``/``extra_info`` as the RL
+    row's."""
+    rec = gsm8k_record(question, answer, split, index, prompt_style)
+    solution = _CALCULATOR_ANNOTATION.sub("", answer)
+    return {"messages": rec["prompt"] + [{"role": "assistant", "content": solution}],
+            "data_source": rec["data_source"], "extra_info": rec["extra_info"]}
 
 
 def math_record(problem: str, solution: str, split: str, index: int, data_source: str = MATH_DATA_SOURCE) -> dict:
@@ -253,10 +269,11 @@ def load_gsm8k_rows(src: str | os.PathLike | None, split: str, log: Log = print)
 
 def prepare_gsm8k(src: str | os.PathLike | None, out_dir: str | os.PathLike, splits: Iterable[str] = GSM8K_SPLITS,
                   limit: int | None = None, offset: int = 0, seed: int | None = None,
-                  log: Log = print, prompt_style: str = "verl") -> dict[str, Path]:
+                  log: Log = print, prompt_style: str = "verl", sft: bool = False) -> dict[str, Path]:
     """Write ``out_dir/{split}.parquet`` for each split; returns ``{split: parquet_path}`` in ``splits`` order.
 
-    ``limit``/``offset``/``seed`` apply to each split independently (see :class:`Subset`).
+    ``limit``/``offset``/``seed`` apply to each split independently (see :class:`Subset`). ``sft`` writes
+    :func:`gsm8k_sft_record` rows (verl's SFT trainer) instead of RL rows.
     """
     splits = [splits] if isinstance(splits, str) else list(splits)
     if not splits:
@@ -268,10 +285,12 @@ def prepare_gsm8k(src: str | os.PathLike | None, out_dir: str | os.PathLike, spl
     paths = {}
     for split in splits:
         rows = load_gsm8k_rows(src, split, log=log)
-        records = _build(rows, subset, lambda i, r, s=split: gsm8k_record(r["question"], r["answer"], s, i, prompt_style),
+        make = gsm8k_sft_record if sft else gsm8k_record
+        records = _build(rows, subset, lambda i, r, s=split: make(r["question"], r["answer"], s, i, prompt_style),
                          where=f"gsm8k/{split}")
         paths[split] = write_parquet(records, Path(out_dir) / f"{split}.parquet")
-        log(f"[tinylora_verl.tasks.data] gsm8k/{split}: wrote {len(records)} rows to {paths[split]}")
+        log(f"[tinylora_verl.tasks.data] gsm8k/{split}: wrote {len(records)} {'SFT ' if sft else ''}rows to "
+            f"{paths[split]}")
     return paths
 
 
@@ -335,6 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="splits to write (default: train test)")
     g.add_argument("--prompt-style", default="verl", choices=sorted(GSM8K_INSTRUCTIONS),
                    help="verl's instruction (default), an explicit '#### <number>' format, or verl's after a worked example")
+    g.add_argument("--sft", action="store_true",
+                   help="rows for verl's SFT trainer (messages: the prompt, then the reference solution) instead of RL")
     add_subset_flags(g)
 
     m = sub.add_parser("math", help="MATH-style JSONL with problem/solution fields (boxed-answer template)")
@@ -365,7 +386,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                            test_size=args.test_size, prompt_style=args.prompt_style)
     elif args.dataset == "gsm8k":
         prepare_gsm8k(args.src, args.out_dir, splits=args.splits, limit=args.limit, offset=args.offset,
-                      seed=args.seed, prompt_style=args.prompt_style)
+                      seed=args.seed, prompt_style=args.prompt_style, sft=args.sft)
     else:
         prepare_math(args.jsonl, args.out, split=args.split, limit=args.limit, offset=args.offset, seed=args.seed,
                      data_source=args.data_source)
