@@ -6,7 +6,7 @@ import json
 import pytest
 
 from tinylora_verl.apps.cli import _benchmark_source
-from tinylora_verl.tasks.problems import BENCHMARKS, get_spec, load_benchmark, parse_benchmarks
+from tinylora_verl.tasks.problems import BENCHMARKS, PAPER_SUITE, get_spec, load_benchmark, parse_benchmarks
 from tinylora_verl.tasks.rewards import compute_score
 
 ALL = ["gsm8k", "math500", "minerva_math", "olympiadbench", "aime24", "amc23", "gaokao2023en", "college_math"]
@@ -88,7 +88,8 @@ def offline(monkeypatch):
 
 
 def test_registry_has_the_eight_benchmarks():
-    assert sorted(BENCHMARKS) == sorted(ALL)
+    assert sorted(BENCHMARKS) == sorted(ALL + ["arithmetic"])
+    assert list(PAPER_SUITE) == ALL
     assert parse_benchmarks(",".join(ALL)) == ALL
     assert get_spec("gaokao2023en").hub_id == "MARIO-Math-Reasoning/Gaokao2023-Math-En"
     assert get_spec("gaokao2023en").split == "train"  # a single JSONL on the hub: datasets calls it "train"

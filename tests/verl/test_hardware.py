@@ -165,6 +165,21 @@ def test_demo_recipe_adds_only_its_documented_settings():
     assert changed == DEMO_KEYS
 
 
+# The CPU study's GRPO arm on top of `+recipe=tinylora_gsm8k +hardware=cpu`: its data, batch, length, rate, run
+# length and bookkeeping; the algorithm, reward and adapter stay the paper's.
+ARITHMETIC_KEYS = {
+    "tinylora.lr", "actor_rollout_ref.actor.optim.lr", "data.train_files", "data.val_files",
+    "data.train_batch_size", "actor_rollout_ref.actor.ppo_mini_batch_size", "critic.ppo_mini_batch_size",
+    "trainer.total_training_steps", "trainer.save_freq", "trainer.rollout_data_dir",
+    *RUN_NAME_KEYS,
+}
+
+
+def test_study_recipe_changes_only_data_batches_rate_and_length():
+    changed = changed_keys(("+recipe=tinylora_gsm8k", "+hardware=cpu"), ("+recipe=tinylora_arithmetic_cpu",))
+    assert changed == ARITHMETIC_KEYS
+
+
 @pytest.mark.parametrize("extra, key", [
     ("algorithm.rollout_correction.rollout_is_threshold=3.0", "algorithm.rollout_correction.rollout_is_threshold"),
     ("actor_rollout_ref.model.lora.tinylora.tie_mode=none", "actor_rollout_ref.model.lora.tinylora.tie_mode"),
@@ -188,7 +203,7 @@ def test_an_unlisted_key_fails_too():
 
 # The SFT trainer's hardware-bound keys (its config tree: model / engine / optim / data / trainer).
 SFT_HARDWARE_KEYS = {
-    "trainer.device", "trainer.n_gpus_per_node", "trainer.nnodes", "data.num_workers",
+    "trainer.device", "trainer.n_gpus_per_node", "trainer.nnodes", "data.num_workers", "data.val_max_samples",
     "model.path", "model.override_config.attn_implementation", "model.use_remove_padding",
     "model.enable_gradient_checkpointing", "engine.use_torch_compile",
     "data.max_length", "data.train_batch_size", "data.micro_batch_size_per_gpu", "data.use_dynamic_bsz",

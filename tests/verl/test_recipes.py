@@ -9,7 +9,7 @@ from tinylora_verl.verl.entry import available_recipes, recipe_dir
 from tinylora_verl.verl.options import parse_tinylora_block
 
 RECIPES = ["tinylora_gsm8k", "tinylora_math", "tinylora_gsm8k_1gpu", "tinylora_gsm8k_cpu", "tinylora_gsm8k_cpu_learn",
-           "tinylora_gsm8k_cpu_lora", "tinylora_gsm8k_cpu_native", "tinylora_gsm8k_cpu_verl_lora",
+           "tinylora_gsm8k_cpu_lora", "tinylora_gsm8k_cpu_native", "tinylora_gsm8k_cpu_verl_lora", "tinylora_arithmetic_cpu",
            # the shipped GPU recipes on the CPU overlay, as CI runs them
            "tinylora_gsm8k +hardware=cpu", "tinylora_math +hardware=cpu", "tinylora_gsm8k_1gpu +hardware=cpu"]
 # Recipes whose rollout serves a LoRA: (lora.rank, lora_rank, TinyLoRA enabled).
@@ -143,13 +143,15 @@ def compose_sft(*overrides):
         return hydra_compose("sft_trainer_engine", overrides=list(overrides))
 
 
-@pytest.mark.parametrize("hardware", [[], ["+hardware=cpu_sft"]], ids=["gpu", "cpu_sft"])
-def test_sft_recipe_composes_and_passes_verl_validation(hardware):
+@pytest.mark.parametrize("args", [["+recipe=tinylora_gsm8k_sft"], ["+recipe=tinylora_gsm8k_sft", "+hardware=cpu_sft"],
+                                  ["+recipe=tinylora_arithmetic_cpu_sft"]], ids=["gpu", "cpu_sft", "arithmetic_cpu"])
+def test_sft_recipe_composes_and_passes_verl_validation(args):
     """What verl's SFTTrainer._build_config does: each block becomes verl's validated dataclass. The model block
     (which loads the tokenizer) only where the model is on this machine: the CPU overlay's SmolLM2."""
     from verl.utils.config import omega_conf_to_dataclass
 
-    cfg = compose_sft("+recipe=tinylora_gsm8k_sft", *hardware)
+    cfg = compose_sft(*args)
+    hardware = cfg.trainer.device == "cpu"
     engine = omega_conf_to_dataclass(cfg.engine)
     optim = omega_conf_to_dataclass(cfg.optim)
     omega_conf_to_dataclass(cfg.checkpoint)

@@ -8,7 +8,8 @@ Contract::
 ``(text, num_tokens)``); :class:`tinylora_verl.verl.generation.VLLMBackend` is the real one, tests inject a fake. Every response is graded with
 :func:`tinylora_verl.tasks.rewards.compute_score`:
 
-* GSM8K: ``acc`` = strict (last ``#### <n>``), ``acc_lenient`` = last number, ``formatted`` = has a ``#### <n>``;
+* GSM8K and the arithmetic task: ``acc`` = strict (last ``#### <n>``), ``acc_lenient`` = last number, ``formatted`` =
+  has a ``#### <n>``;
 * MATH-style: ``acc`` = last ``\\boxed{}`` equivalent per math-verify, ``formatted`` = has a non-empty ``\\boxed{}``;
 * ``reward`` = the training reward with ``format_score`` 0.1 (1 exact, 0.1 well-formed but wrong, else 0).
 
@@ -44,7 +45,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
 from ..tasks.problems import Problem
-from ..tasks.rewards import compute_score
+from ..tasks.rewards import compute_score, resolve_method
 from .export import export
 from .stats import bootstrap_interval, compare_modes, per_problem
 
@@ -89,8 +90,9 @@ def default_decodings(samples: int, temperature: float, max_tokens: int) -> list
 
 def score_response(problem: Problem, response: str) -> dict:
     """Grade one response (see the module docstring); the keys are the per-sample JSONL columns."""
-    gsm8k = problem.benchmark == "gsm8k"
-    method = "strict" if gsm8k else "boxed"
+    # The data source's own rule: the "####" answer for GSM8K and the arithmetic task, the boxed one otherwise.
+    method = resolve_method(problem.data_source)
+    gsm8k = method == "strict"
     main = compute_score(problem.data_source, response, problem.ground_truth, method=method,
                          format_score=FORMAT_SCORE, return_dict=True)
     row = {"pred": main["pred"] or None, "correct": main["acc"] == 1.0, "formatted": bool(main["pred"].strip()),

@@ -14,7 +14,11 @@ Sources, per benchmark (first that applies):
   hub split is ``train``), or a hub dataset id loaded with ``datasets.load_dataset(id, config, split=...)``;
 * GSM8K without ``source``: :func:`tinylora_verl.tasks.data.load_gsm8k_rows` (``$TINYLORA_VERL_GSM8K_DIR``, the shared
   checkout copy, then the hub);
-* any other benchmark without ``source``: its registered hub id (network needed).
+* any other benchmark without ``source``: its registered hub id (network needed);
+* a verl RL parquet (``source`` a ``.parquet`` file, or for ``arithmetic`` a directory holding ``<split>.parquet``:
+  what ``tinylora-verl data arithmetic --out-dir DIR`` writes): each row's own ``prompt``, ``ground_truth`` and
+  ``data_source``, so eval asks exactly what training asked. ``arithmetic`` has no hub copy; its test set is drawn
+  from a seed (:mod:`tinylora_verl.tasks.arithmetic`).
 
 Row fields: GSM8K needs ``question``/``answer`` (reference solution ending in ``#### <n>``). MATH-style rows need a
 problem (``problem``, ``question`` or ``Problem``) and either a final answer (``answer``, ``final_answer``,
@@ -33,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .rewards import ARITHMETIC_DATA_SOURCE
 from .data import (
     GSM8K_DATA_SOURCE,
     GSM8K_INSTRUCTIONS,
@@ -53,6 +58,8 @@ class BenchmarkSpec:
     split: str
     data_source: str
     hub_config: str | None = None
+    # Rows are verl RL parquet rows (prompt, reward_model, data_source) rather than question/answer JSONL.
+    verl_rows: bool = False
 
     @property
     def is_gsm8k(self) -> bool:
@@ -75,8 +82,13 @@ BENCHMARKS: dict[str, BenchmarkSpec] = {
         # Qwen2.5-Math evaluation/data/college_math/test.jsonl (2818 rows) on the hub.
         # Verified: HF viewer (split test, 2.82k rows) + public loaders (question/answer/data_topic/question_number).
         BenchmarkSpec("college_math", "di-zhang-fdu/College_Math_Test", "test", "math"),
+        # The CPU study's task, generated locally from a seed; no hub id.
+        BenchmarkSpec("arithmetic", "", "test", ARITHMETIC_DATA_SOURCE, verl_rows=True),
     )
 }
+
+# The first author's verl fork evaluates these eight; ``arithmetic`` is this package's CPU study task.
+PAPER_SUITE = ("gsm8k", "math500", "minerva_math", "olympiadbench", "aime24", "amc23", "gaokao2023en", "college_math")
 
 _PROBLEM_FIELDS = ("problem", "question", "Problem", "Question")
 _ANSWER_FIELDS = ("answer", "final_answer", "Answer")
@@ -148,10 +160,38 @@ def _gsm8k_problem(spec: BenchmarkSpec, index: int, row: dict, split: str, promp
     return Problem(spec.name, index, rec["prompt"], rec["reward_model"]["ground_truth"], spec.data_source)
 
 
+def _verl_row_problem(spec: BenchmarkSpec, index: int, row: dict, split: str, prompt_style: str = "verl") -> Problem:
+    try:
+        messages = [{"role": str(m["role"]), "content": str(m["content"])} for m in row["prompt"]]
+        ground_truth, data_source = str(row["reward_model"]["ground_truth"]), str(row["data_source"])
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"{spec.name} row {index}: not a verl RL row (needs prompt messages, "
+                         f"reward_model.ground_truth and data_source; found fields {sorted(row)})") from e
+    extra = row.get("extra_info") or {}
+    return Problem(spec.name, int(extra.get("index", index)), messages, ground_truth, data_source)
+
+
+def _read_parquet(path: Path) -> list[dict]:
+    import pandas as pd
+
+    return pd.read_parquet(path).to_dict(orient="records")
+
+
 def _load_rows(spec: BenchmarkSpec, source: str | os.PathLike | None, split: str,
                split_given: bool = True) -> list[dict]:
     if source is None and spec.is_gsm8k:
         return load_gsm8k_rows(None, split, log=lambda _: None)
+    if source is None and spec.verl_rows:
+        raise ValueError(f"{spec.name} has no hub copy: write it with `tinylora-verl data {spec.name} --out-dir DIR` "
+                         f"and pass --data {spec.name}=DIR (or --data-dir with a {spec.name}/ folder)")
+    if source is not None and str(source).endswith(".parquet"):
+        return _read_parquet(Path(source).expanduser())
+    if source is not None and spec.verl_rows:
+        path = Path(source).expanduser() / f"{split}.parquet"
+        if not path.is_file():
+            raise FileNotFoundError(f"{spec.name}: {str(path)!r} not found (a folder written by `tinylora-verl data "
+                                    f"{spec.name} --out-dir`, or a .parquet file of verl RL rows)")
+        return _read_parquet(path)
     if source is not None:
         path = Path(source).expanduser()
         if path.is_dir():
@@ -184,15 +224,19 @@ def load_benchmark(name: str, source: str | os.PathLike | None = None, split: st
     spec = get_spec(name)
     if prompt_style not in GSM8K_INSTRUCTIONS:
         raise ValueError(f"prompt_style={prompt_style!r} is not supported; expected one of {sorted(GSM8K_INSTRUCTIONS)}")
+    if prompt_style != "verl" and (spec.verl_rows or str(source).endswith(".parquet")):
+        raise ValueError(f"prompt_style={prompt_style!r} does not apply to verl parquet rows: {name!r} rows carry "
+                         f"the prompt they were trained with")
     if prompt_style != "verl" and not spec.is_gsm8k:
         raise ValueError(f"prompt_style={prompt_style!r} applies to gsm8k only; {name!r} uses the boxed-answer prompt")
     split_given = bool(split)
     split = split or spec.split
     rows = list(enumerate(_load_rows(spec, source, split, split_given)))
-    if not spec.is_gsm8k:
+    verl_rows = spec.verl_rows or str(source).endswith(".parquet")
+    if not spec.is_gsm8k and not verl_rows:
         rows = [(i, row) for i, row in rows if not _unanswered(row)]
-    make = _gsm8k_problem if spec.is_gsm8k else _math_problem
+    make = _verl_row_problem if verl_rows else _gsm8k_problem if spec.is_gsm8k else _math_problem
     return [make(spec, i, row, split, prompt_style) for _, (i, row) in Subset(limit=limit, offset=offset).select(rows)]
 
 
-__all__ = ["BENCHMARKS", "BenchmarkSpec", "Problem", "get_spec", "load_benchmark", "parse_benchmarks"]
+__all__ = ["BENCHMARKS", "PAPER_SUITE", "BenchmarkSpec", "Problem", "get_spec", "load_benchmark", "parse_benchmarks"]
