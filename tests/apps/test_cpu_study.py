@@ -44,10 +44,20 @@ def test_sft_command_runs_the_recipe_under_torchrun(tmp_path):
     assert f"trainer.default_local_dir={tmp_path / 'run'}" in cmd and "tinylora.budget=13" in cmd
 
 
-def _rows(mode, correct, decoding="greedy", test_set="seed0"):
+def _rows(mode, correct, decoding="greedy", test_set="seed0", first=0):
     return [{"test_set": test_set, "benchmark": "arithmetic", "decoding": decoding, "mode": mode, "index": i,
              "sample": 0, "correct": c, "formatted": True, "reward": float(c), "correct_lenient": c,
-             "num_tokens": 10, "response": "x"} for i, c in enumerate(correct)]
+             "num_tokens": 10, "response": "x", "prompt": [{"role": "user", "content": f"What is {first + i} + 1?"}]}
+            for i, c in enumerate(correct)]
+
+
+def test_the_redraws_fresh_subset_leaves_out_problems_of_the_first_test_set():
+    first = _rows("base", [True] * 4)  # problems 0..3
+    redraw = _rows("base", [False] * 4, test_set="redraw1", first=2)  # problems 2..5: two shared
+    rows = cpu_study.with_fresh_subset(first + redraw, "seed0", "redraw1")
+    fresh = [r for r in rows if r["test_set"] == "redraw1_fresh"]
+    assert [cpu_study.question_of(r) for r in fresh] == ["What is 4 + 1?", "What is 5 + 1?"]
+    assert len(rows) == 8 + 2
 
 
 def test_summarize_pairs_every_arm_with_the_base_on_the_same_problems():

@@ -175,3 +175,44 @@ def test_upstream_rows_are_graded_by_the_boxed_rule(tmp_path, offline, name, lin
     assert score(right) == 1.0
     assert score(wrong) == 0.0
     assert compute_score(problem.data_source, f"The answer is {right}.", problem.ground_truth) == 0.0  # not boxed
+
+
+# ---------------------------------------------------------------------------------------------- arithmetic
+
+
+def test_arithmetic_loads_the_rows_it_was_trained_on(tmp_path):
+    """The CPU study's task: eval reads the RL parquet `data arithmetic` wrote, so its prompt (with the task's
+    one-shot example) and ground truth are the training rows' own, graded by the `####` rule."""
+    import pandas as pd
+
+    from tinylora_verl.apps.eval import score_response
+    from tinylora_verl.tasks.data import prepare_arithmetic
+
+    prepare_arithmetic("add2", tmp_path, seed=3, train_size=8, test_size=6, log=lambda _: None)
+    problems = load_benchmark("arithmetic", str(tmp_path), limit=4)
+    rows = pd.read_parquet(tmp_path / "test.parquet").to_dict(orient="records")
+    assert len(problems) == 4
+    for p, row in zip(problems, rows):
+        assert p.messages == [{"role": m["role"], "content": m["content"]} for m in row["prompt"]]
+        assert p.ground_truth == row["reward_model"]["ground_truth"] and p.data_source == "tinylora/arithmetic"
+        assert len(p.messages) == 3  # the worked example (user, assistant), then the question
+        assert score_response(p, f"... = {p.ground_truth}.\n#### {p.ground_truth}")["correct"]
+        assert not score_response(p, f"#### {int(p.ground_truth) + 1}")["correct"]
+        assert not score_response(p, f"\\boxed{{{p.ground_truth}}}")["correct"]  # not the boxed rule
+    # A single .parquet file works too, and the train split by name.
+    assert len(load_benchmark("arithmetic", str(tmp_path / "test.parquet"))) == 6
+    assert len(load_benchmark("arithmetic", str(tmp_path), split="train")) == 8
+
+
+def test_arithmetic_needs_local_files(tmp_path):
+    with pytest.raises(ValueError, match=r"arithmetic has no hub copy: write it with `tinylora-verl data arithmetic"):
+        load_benchmark("arithmetic")
+    with pytest.raises(FileNotFoundError, match=r"arithmetic: '.*/test.parquet' not found"):
+        load_benchmark("arithmetic", str(tmp_path))
+    with pytest.raises(ValueError, match=r"prompt_style='oneshot' does not apply to verl parquet rows"):
+        load_benchmark("arithmetic", str(tmp_path), prompt_style="oneshot")
+    import pandas as pd
+
+    pd.DataFrame([{"question": "1+1", "answer": "2"}]).to_parquet(tmp_path / "bad.parquet")
+    with pytest.raises(ValueError, match=r"arithmetic row 0: not a verl RL row"):
+        load_benchmark("arithmetic", str(tmp_path / "bad.parquet"))

@@ -4,7 +4,8 @@
     tinylora-verl prepare-smollm2 [--out DIR]
     tinylora-verl export --model <HF folder> --adapter <file> --out <dir> [--lora-out <dir>] [--dtype bfloat16]
     tinylora-verl show <adapter file>
-    tinylora-verl data gsm8k --out-dir ~/data/gsm8k [--prompt-style verl|explicit|oneshot]
+    tinylora-verl data gsm8k --out-dir ~/data/gsm8k [--prompt-style verl|explicit|oneshot] [--sft]
+    tinylora-verl data arithmetic --seed 0 --out-dir ~/data/arithmetic [--preset add2]
     tinylora-verl eval --model <HF folder> [--adapter <file>] --benchmarks gsm8k,math500 [--limit N] [--out DIR]
     tinylora-verl plot <run dir or metrics.jsonl> [--out PNG]
 """
@@ -168,7 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--overwrite", action="store_true", help="Replace non-empty output folders (else refused).")
     exp.set_defaults(func=_cmd_export)
 
-    data = sub.add_parser("data", help="Write verl parquet files: `data gsm8k --out-dir DIR` or `data math ...`.",
+    data = sub.add_parser("data", help="Write verl parquet files: `data gsm8k --out-dir DIR` (`--sft`: SFT rows), `data math ...` or "
+                               "`data arithmetic --seed S --out-dir DIR`.",
                           add_help=False)
     data.add_argument("data_args", nargs=argparse.REMAINDER, help="Arguments of python -m tinylora_verl.tasks.data.")
     data.set_defaults(func=_cmd_data)
@@ -181,8 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--model", required=True, help="Base HF model folder.")
     ev.add_argument("--adapter", default=None, help="TinyLoRA adapter file; without it the base is evaluated.")
     ev.add_argument("--benchmarks", default="gsm8k",
-                    help="Comma-separated, of 8: gsm8k, math500, minerva_math, olympiadbench, aime24, amc23, "
-                         "gaokao2023en, college_math.")
+                    help="Comma-separated: the paper suite's gsm8k, math500, minerva_math, olympiadbench, aime24, "
+                         "amc23, gaokao2023en, college_math, and the CPU study's arithmetic (--data arithmetic=DIR "
+                         "from `data arithmetic`).")
     ev.add_argument("--data", action="append", default=[], metavar="NAME=SOURCE",
                     help="Per-benchmark local JSONL file, directory or hub id (repeatable).")
     ev.add_argument("--data-dir", default=None, help="Folder with <name>.jsonl or <name>/<split>.jsonl per benchmark "

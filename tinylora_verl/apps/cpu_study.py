@@ -17,7 +17,8 @@ resumes):
 3. **eval** on ``--test-size`` test problems of each test set: the base, each arm's final adapter and the
    zero-adapter control (the adapter's serving path with v = 0), greedy and ``--samples`` samples at T = 1,
    through ``tinylora-verl eval``'s :func:`~tinylora_verl.apps.eval.run_eval`;
-4. **report**: ``report.md`` (per test set and decoding: accuracy with its 95% bootstrap interval, and each arm
+4. **report**: ``report.md`` (per test set, and the redrawn set's problems the first set does not hold, and
+   decoding: accuracy with its 95% bootstrap interval, and each arm
    against the base on the same problems: the difference, its paired-bootstrap interval, the exact McNemar
    p-value for greedy), ``eval.csv``, ``paired.csv`` and ``curves.png`` (GRPO train reward, SFT loss, |v|).
 """
@@ -164,6 +165,20 @@ def evaluate_test_set(out: Path, name: str, data: Path, adapters: dict[str, Path
     return rows
 
 
+def question_of(row: dict) -> str:
+    """The problem a response answers: its prompt's last user turn."""
+    return row["prompt"][-1]["content"]
+
+
+def with_fresh_subset(rows: Sequence[dict], first: str, redraw: str) -> list[dict]:
+    """``rows`` plus the redraw's rows on problems the first test set does not hold, as test set ``<redraw>_fresh``:
+    two seeds draw from the same test split, so on a small task their test sets share problems."""
+    seen = {question_of(r) for r in rows if r["test_set"] == first}
+    fresh = [{**r, "test_set": f"{redraw}_fresh"} for r in rows
+             if r["test_set"] == redraw and question_of(r) not in seen]
+    return list(rows) + fresh
+
+
 def summarize(rows: Sequence[dict], seed: int = 0) -> tuple[list[dict], list[dict]]:
     """``(summary, paired)``: per test set x decoding x mode the aggregate, and each mode against the base."""
     groups: dict[tuple, list[dict]] = {}
@@ -277,6 +292,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for name, seed in sets.items():
         rows += evaluate_test_set(out, f"{name}{seed}", data_dir(out, seed), adapters, args.test_size, args.samples,
                                   args.max_tokens, seed=args.seed)
+    names = [f"{name}{seed}" for name, seed in sets.items()]
+    rows = with_fresh_subset(rows, *names)
     summary, paired = summarize(rows, seed=args.seed)
     meta = {"preset": args.preset, "seed": args.seed, "redraw_seed": args.redraw_seed, "budget": args.budget,
             "grpo_steps": args.steps, "sft_steps": sft_steps(args.steps), "test_size": args.test_size,
