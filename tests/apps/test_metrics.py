@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from tinylora_verl.apps.metrics import read_metrics, scalar, v_values
+from tinylora_verl.apps.metrics import append_launch, read_metrics, scalar, v_values
 
 
 def test_v_values_read_main_ppo_means_and_sft_trainer_lists(tmp_path):
@@ -21,3 +21,14 @@ def test_v_values_read_main_ppo_means_and_sft_trainer_lists(tmp_path):
 @pytest.mark.parametrize("value, expected", [(2, 2.0), ([1.0, 3.0], 2.0), ((0.5,), 0.5), ([[0.25]], 0.25), ([[1.0], [2.0, 3.0]], 2.0)])
 def test_scalar(value, expected):
     assert scalar(value) == expected
+
+
+def test_append_launch_moves_a_launchs_file_onto_the_run(tmp_path):
+    run = tmp_path / "metrics.jsonl"
+    run.write_text('{"step": 1, "data": {"a": 1}}\n')
+    launch = tmp_path / "metrics.run1.jsonl"
+    launch.write_text('{"step": 2, "data": {"a": 2}}\n')
+    append_launch(launch, run)
+    assert [r["step"] for r in read_metrics(run)] == [1, 2] and not launch.exists()
+    append_launch(launch, run)  # a launch that logged nothing leaves the run as it was
+    assert len(read_metrics(run)) == 2

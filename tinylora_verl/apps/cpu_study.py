@@ -41,7 +41,7 @@ from ..tasks.data import prepare_arithmetic
 from ..tasks.problems import load_benchmark
 from .demo import run_cpu_recipe
 from .eval import CONTROL, aggregate, default_decodings, run_eval
-from .metrics import read_metrics, v_values
+from .metrics import append_launch, read_metrics, v_values
 from .models import default_cache_dir, prepare_smollm2
 from .stats import compare_modes
 
@@ -125,11 +125,7 @@ def train(out: Path, arm: Arm, steps: int, data: Path) -> Path:
         print(f"[cpu_study] {' '.join(cmd[1:])}\n[cpu_study] output: {log}", flush=True)
         with open(log, "ab") as fh:
             code = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=str(run)).returncode
-        new = Path(env["VERL_FILE_LOGGER_PATH"])
-        if new.is_file():
-            with open(run / "metrics.jsonl", "a") as fh:
-                fh.write(new.read_text())
-            new.unlink()
+        append_launch(env["VERL_FILE_LOGGER_PATH"], run / "metrics.jsonl")
         if code:
             raise SystemExit(f"{arm.name} failed (exit {code}); see {log}")
     if not adapter.is_file():

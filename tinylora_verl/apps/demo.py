@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from .metrics import read_metrics, v_values
+from .metrics import append_launch, read_metrics, v_values
 from .models import default_cache_dir, prepare_smollm2
 
 
@@ -119,12 +119,7 @@ def run_cpu_recipe(
             printed = _echo_new(env["VERL_FILE_LOGGER_PATH"], printed, steps, echo)
             time.sleep(2)
         _echo_new(env["VERL_FILE_LOGGER_PATH"], printed, steps, echo)
-    # Each launch writes its own file (verl's logger truncates); append it to the run's metrics.jsonl.
-    new = Path(env["VERL_FILE_LOGGER_PATH"])
-    if new.is_file():
-        with open(metrics_path, "a") as fh:
-            fh.write(new.read_text())
-        new.unlink()
+    append_launch(env["VERL_FILE_LOGGER_PATH"], metrics_path)
     rows = read_metrics(metrics_path)[seen:]
     return RunResult(proc.returncode, out, log, rows, log_offset)
 

@@ -74,6 +74,16 @@ def _flat(value) -> list[float]:
     return [float(value)]
 
 
+def append_launch(launch: str | os.PathLike, metrics_path: str | os.PathLike) -> None:
+    """Move one launch's metrics file onto the run's ``metrics.jsonl``: verl's file logger truncates its file at each
+    launch, so a resumed run gives each launch a file of its own."""
+    launch = Path(launch)
+    if launch.is_file():
+        with open(metrics_path, "a") as fh:
+            fh.write(launch.read_text())
+        launch.unlink()
+
+
 def scalar(value) -> float:
     """A logged metric as one number: verl's SFT trainer logs the engine's per-step metrics unreduced, as nested
     lists of each data-parallel rank's value (identical for v), where ``main_ppo`` logs their mean."""

@@ -146,7 +146,7 @@ def check_driver(argv: Sequence[str], program: str = "") -> Optional[str]:
     """Validate ``+recipe=`` / ``+hardware=`` arguments; return the recipe name, or raise ``SystemExit`` saying what
     is wrong. A hardware overlay must come after the recipe: Hydra applies appended configs in command-line order, so
     a recipe listed later would put its own model, batch sizes and lengths back over the overlay's. ``program``
-    (``sys.argv[0]``) names the trainer: SFT recipes and overlays (``*_sft``) run only under verl's SFT trainer, the
+    (:func:`launched_program`) names the trainer: SFT recipes and overlays (``*_sft``) run only under verl's SFT trainer, the
     others only under ``main_ppo``."""
     name, recipe_at = _requested(argv, "recipe")
     hardware, hardware_at = _requested(argv, "hardware")
@@ -156,7 +156,6 @@ def check_driver(argv: Sequence[str], program: str = "") -> Optional[str]:
         return None
     if name is not None and name not in available_recipes():
         raise SystemExit(f"tinylora_verl: unknown recipe {name!r}; this installation ships {available_recipes()}")
-    _check_trainer(program, recipe=name, hardware=hardware if hardware in available_hardware() else None)
     if hardware is not None:
         if hardware not in available_hardware():
             raise SystemExit(f"tinylora_verl: unknown hardware overlay {hardware!r} (+hardware={hardware}); this "
@@ -164,6 +163,7 @@ def check_driver(argv: Sequence[str], program: str = "") -> Optional[str]:
         if 0 <= recipe_at and hardware_at < recipe_at:
             raise SystemExit(f"tinylora_verl: +hardware={hardware} comes before +recipe=, so the recipe's values "
                              f"would override the overlay's; put +hardware={hardware} after the recipe")
+    _check_trainer(program, recipe=name, hardware=hardware)
     if not searchpath_plugin_discovered():
         raise SystemExit(
             "tinylora_verl: Hydra does not discover the search-path plugin hydra_plugins.tinylora_verl here, so "
