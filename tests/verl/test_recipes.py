@@ -16,12 +16,13 @@ RECIPES = ["tinylora_gsm8k", "tinylora_math", "tinylora_gsm8k_1gpu", "tinylora_g
 LORA_RECIPES = {"tinylora_gsm8k_cpu_lora": (2, 0, True), "tinylora_gsm8k_cpu_verl_lora": (0, 8, False)}
 
 
-def compose(*overrides):
+def compose(*overrides, config_name: str = "ppo_trainer"):
+    """Compose as verl's trainer does: ``main_ppo``'s ``ppo_trainer`` or, with ``sft_trainer_engine``, the SFT one."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_module
 
     with initialize_config_module("verl.trainer.config", version_base=None):
-        return hydra_compose("ppo_trainer", overrides=list(overrides))
+        return hydra_compose(config_name, overrides=list(overrides))
 
 
 def test_packaged_recipes():
@@ -136,11 +137,7 @@ def test_yaml_style_comment_above_every_key(path):
 
 
 def compose_sft(*overrides):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_module
-
-    with initialize_config_module("verl.trainer.config", version_base=None):
-        return hydra_compose("sft_trainer_engine", overrides=list(overrides))
+    return compose(*overrides, config_name="sft_trainer_engine")
 
 
 @pytest.mark.parametrize("args", [["+recipe=tinylora_gsm8k_sft"], ["+recipe=tinylora_gsm8k_sft", "+hardware=cpu_sft"],
